@@ -1,0 +1,1 @@
+"""Input side: tokenizer, media preprocessing, sources, procedural world, mixtures, packing, grain pipeline."""

@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention as DeepSeek-V3 / Kimi K2 compute it (digest §1.1, "MLA forward pass").
+
+  q      = q_b_proj(RMSNorm(q_a_proj(x)))            -> per head [nope | rope]
+  ckv    = kv_a_proj_with_mqa(x)                     -> [kv_lora | rope]; the rope key is shared by all heads
+  kv     = kv_b_proj(RMSNorm(c_kv))                  -> per head [k_nope | v]
+  logits = (q_nope.k_nope + rope(q_rot).rope(k_rot)) * softmax_scale
+
+Besides the output, the layer returns the per-head maximum pre-softmax logit over valid (unmasked) pairs, the
+S_max^h that QK-Clip needs (digest §8); computing it does not change the output.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from k25jax.model import rope
+from k25jax.model.layers import Linear, RMSNorm, dtype_of
+
+NEG_INF = -1e30
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
+                   kv_positions: jax.Array) -> jax.Array:
+  """[B, Lq, Lk] bool: same packed segment (id 0 = padding) and causal by position within it."""
+  same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] > 0)
+  return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+           ) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention with materialised logits (QK-Clip needs their max).
+
+  q [B,Lq,H,Dk], k [B,Lk,H,Dk], v [B,Lk,H,Dv], mask [B,Lq,Lk]. Returns (out [B,Lq,H,Dv], max_logit [H] f32).
+  Softmax statistics in f32; fully masked query rows (padding) give finite garbage that losses mask out.
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  m = mask[:, None, :, :]
+  max_logit = jnp.max(jnp.where(m, logits, NEG_INF), axis=(0, 2, 3))
+  probs = jax.nn.softmax(jnp.where(m, logits, NEG_INF), axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  return out, jax.lax.stop_gradient(max_logit)
+
+
+class MLA(nn.Module):
+  """Multi-head latent attention (one layer). Parameter names follow the released checkpoint."""
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    m = self.config
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, stddev=m.initializer_range)
+    h, nope, rdim, vdim = m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    if m.q_lora_rank:
+      self.q_a_proj = Linear(m.q_lora_rank, ("embed", "q_lora"), **kw)
+      self.q_a_layernorm = RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype)
+      self.q_b_proj = Linear(h * (nope + rdim), ("q_lora", "heads"), **kw)
+    else:
+      self.q_proj = Linear(h * (nope + rdim), ("embed", "heads"), **kw)
+    self.kv_a_proj_with_mqa = Linear(m.kv_lora_rank + rdim, ("embed", "kv_lora"), **kw)
+    self.kv_a_layernorm = RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype)
+    self.kv_b_proj = Linear(h * (nope + vdim), ("kv_lora", "heads"), **kw)
+    self.o_proj = Linear(m.hidden_size, ("heads", "embed"), **kw)
+
+  def project_q(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(q_nope [B,L,H,nope], q_rot [B,L,H,rope]) with rope applied."""
+    m = self.config
+    q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if m.q_lora_rank else self.q_proj(x)
+    q = q.reshape(*x.shape[:2], m.num_attention_heads, m.qk_nope_head_dim + m.qk_rope_head_dim)
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+    inv_freq, factor = rope.inv_freq_and_attention_factor(m)
+    q_nope, q_rot = q[..., :m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+    return q_nope, rope.apply_rope(q_rot, positions, inv_freq, factor)
+
+  def project_latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(normed latent c_kv [B,L,kv_lora], roped shared key k_rot [B,L,rope]): what a decode cache stores."""
+    m = self.config
+    ckv = self.kv_a_proj_with_mqa(x)
+    c, k_rot = ckv[..., :m.kv_lora_rank], ckv[..., m.kv_lora_rank:]
+    inv_freq, factor = rope.inv_freq_and_attention_factor(m)
+    return self.kv_a_layernorm(c), rope.apply_rope(k_rot, positions, inv_freq, factor)
+
+  def expand_kv(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Latent [B,L,kv_lora] -> (k_nope [B,L,H,nope], v [B,L,H,v])."""
+    m = self.config
+    kv = self.kv_b_proj(c).reshape(*c.shape[:2], m.num_attention_heads, m.qk_nope_head_dim + m.v_head_dim)
+    kv = nn.with_logical_constraint(kv, ("batch", "length", "act_heads", None))
+    return kv[..., :m.qk_nope_head_dim], kv[..., m.qk_nope_head_dim:]
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """x [B,L,D] -> (out [B,L,D], max_logit [H])."""
+    m = self.config
+    q_nope, q_rot = self.project_q(x, positions)
+    c, k_rot = self.project_latent(x, positions)
+    k_nope, v = self.expand_kv(c)
+    h = m.num_attention_heads
+    q = jnp.concatenate([q_nope, q_rot], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], (*k_rot.shape[:2], h, k_rot.shape[-1]))],
+                        axis=-1)
+    mask = attention_mask(segment_ids, segment_ids, positions, positions)
+    out, max_logit = attend(q, k.astype(q.dtype), v, mask, rope.softmax_scale(m))
+    out = out.reshape(*x.shape[:2], h * m.v_head_dim).astype(dtype_of(m.dtype))
+    return self.o_proj(out), max_logit

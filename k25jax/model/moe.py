@@ -1,0 +1,234 @@
+"""The Kimi K2 mixture-of-experts block (digest §1.1, "MoE router"; DeepSeek-V3 `noaux_tc` routing).
+
+  s      = sigmoid(x W_gate)                       (f32)
+  choice = s + e_score_correction_bias             (the bias only selects; optional group-limited routing)
+  idx    = top_k(choice);  w = s[idx] / sum(s[idx]) * routed_scaling_factor
+  y      = sum_k w_k SwiGLU_{idx_k}(x) + SharedExpert(x)
+
+The correction bias lives in the `moe_state` collection and is moved outside the gradient by the DeepSeek-V3
+sign rule (`update_correction_bias`). Expert compute has four interchangeable dispatches with equal results:
+  ragged   sort assignments by expert + `jax.lax.ragged_dot` (the TPU/GPU path; dropless)
+  blocked  sort + pad each expert's group to tiles of `moe_block_size` rows, one batched matmul over tiles with
+           each tile's expert weights gathered (dropless; fast on CPU, where ragged_dot is slow)
+  dense    every expert on every token, combined by the routing weights (simple reference; E/k times the FLOPs)
+  ep       expert parallelism over the `expert` mesh axis in `jax.shard_map`: tokens are all-gathered along the
+           axis, each device runs its local experts (ragged), and outputs are reduce-scattered back (dropless).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec as P
+
+from k25jax.model.layers import SwiGLU, dtype_of
+from k25jax.sharding import BATCH_AXES
+
+DISPATCHES = ("ragged", "blocked", "dense", "ep")
+
+
+# ----------------------------------------------------------------------------------------------- routing
+def route(scores: jax.Array, bias: jax.Array, m: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """Top-k expert ids and weights from sigmoid scores [T, E] (f32) and the correction bias [E]."""
+  e, k = scores.shape[-1], m.num_experts_per_tok
+  choice = scores + bias
+  if m.n_group > 1:
+    grouped = choice.reshape(-1, m.n_group, e // m.n_group)
+    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)                          # [T, n_group]
+    _, top_groups = jax.lax.top_k(group_scores, m.topk_group)
+    group_mask = jnp.zeros_like(group_scores).at[jnp.arange(group_scores.shape[0])[:, None], top_groups].set(1)
+    expert_mask = jnp.repeat(group_mask, e // m.n_group, axis=-1) > 0
+    choice = jnp.where(expert_mask, choice, 0.0)   # as the reference: masked experts score 0, not -inf
+  _, idx = jax.lax.top_k(choice, k)
+  w = jnp.take_along_axis(scores, idx, axis=-1)
+  if m.norm_topk_prob:
+    w = w / (w.sum(-1, keepdims=True) + 1e-20)
+  return idx.astype(jnp.int32), w * m.routed_scaling_factor
+
+
+def update_correction_bias(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
+  """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+  bias, load: [..., E] (stacked over layers). Applied outside the gradient after each step.
+  """
+  mean = jnp.mean(load, axis=-1, keepdims=True)
+  return bias + speed * jnp.sign(mean - load).astype(bias.dtype)
+
+
+def sequence_aux_loss(scores: jax.Array, idx: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+  """DeepSeek-V3 complementary sequence-wise balance loss sum_i f_i P_i, averaged over rows.
+
+  scores [B, L, E] sigmoid scores, idx [B, L, k], valid [B, L]. f_i = E/(k L) * (#tokens choosing i),
+  P_i = mean over tokens of the scores normalised over experts.
+  """
+  e = scores.shape[-1]
+  v = valid.astype(jnp.float32)
+  n = jnp.maximum(v.sum(-1), 1.0)                                                   # [B]
+  counts = (jax.nn.one_hot(idx, e, dtype=jnp.float32).sum(-2) * v[..., None]).sum(1)  # [B, E]
+  f = counts * e / (k * n[:, None])
+  p = ((scores / scores.sum(-1, keepdims=True)) * v[..., None]).sum(1) / n[:, None]
+  return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
+  return jax.nn.silu(g) * u
+
+
+def _sort_assignments(idx: jax.Array, num_groups: int):
+  """Stable sort of the T*k (token, expert) assignments by expert; returns order, token ids, group sizes."""
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  token_of = order // idx.shape[1]
+  sizes = jnp.bincount(flat, length=num_groups).astype(jnp.int32)
+  return order, token_of, flat[order], sizes
+
+
+def _combine(out_sorted: jax.Array, order: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+  """Un-sorts expert outputs [T*k, D] and sums them per token with routing weights w [T, k] (f32)."""
+  t, k = w.shape
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  out = out_sorted[inverse].reshape(t, k, -1)
+  return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w).astype(out_dtype)
+
+
+def ragged_ffn(xs: jax.Array, sizes: jax.Array, wg, wu, wd) -> jax.Array:
+  """Grouped SwiGLU on rows sorted by expert: `jax.lax.ragged_dot` per projection."""
+  g = jax.lax.ragged_dot(xs, wg, sizes)
+  u = jax.lax.ragged_dot(xs, wu, sizes)
+  return jax.lax.ragged_dot(_swiglu(g, u).astype(xs.dtype), wd, sizes)
+
+
+def dispatch_ragged(x, idx, w, wg, wu, wd):
+  order, token_of, _, sizes = _sort_assignments(idx, wg.shape[0])
+  return _combine(ragged_ffn(x[token_of], sizes, wg, wu, wd), order, w, x.dtype)
+
+
+def dispatch_blocked(x, idx, w, wg, wu, wd, block: int):
+  """Sort, pad every expert group to whole tiles of `block` rows, one batched matmul per projection.
+
+  The tile count is the static bound floor((T k + E (block-1)) / block), so shapes are static and nothing drops.
+  """
+  e = wg.shape[0]
+  order, token_of, sorted_exp, sizes = _sort_assignments(idx, e)
+  rows = idx.size
+  padded = (sizes + block - 1) // block * block
+  padded_end = jnp.cumsum(padded)
+  rank = jnp.arange(rows, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_exp]
+  dest = (padded_end - padded)[sorted_exp] + rank
+  n_tiles = (rows + e * (block - 1)) // block
+  xs = jnp.zeros((n_tiles * block, x.shape[-1]), x.dtype).at[dest].set(x[token_of])
+  tile_exp = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * block, side="right"), e - 1)
+  xt = xs.reshape(n_tiles, block, -1)
+  g = jnp.einsum("nbd,ndf->nbf", xt, wg[tile_exp])
+  u = jnp.einsum("nbd,ndf->nbf", xt, wu[tile_exp])
+  out = jnp.einsum("nbf,nfd->nbd", _swiglu(g, u).astype(x.dtype), wd[tile_exp]).reshape(n_tiles * block, -1)
+  return _combine(out[dest], order, w, x.dtype)
+
+
+def dispatch_dense(x, idx, w, wg, wu, wd):
+  t, e = x.shape[0], wg.shape[0]
+  comb = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
+  g = jnp.einsum("td,edf->tef", x, wg)
+  u = jnp.einsum("td,edf->tef", x, wu)
+  out = jnp.einsum("tef,efd->ted", _swiglu(g, u).astype(x.dtype), wd)
+  return jnp.einsum("ted,te->td", out.astype(jnp.float32), comb).astype(x.dtype)
+
+
+def dispatch_ep(x, idx, w, wg, wu, wd):
+  """Expert parallelism (needs a mesh in context, `jax.set_mesh`): all-gather tokens over `expert`, run the
+  local experts on the rows routed to them, reduce-scatter the partial outputs back (+ psum over `tensor`)."""
+
+  def local(x, idx, w, wg, wu, wd):
+    xg = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+    ig = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
+    wgt = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
+    e_local = wg.shape[0]
+    lid = ig - jax.lax.axis_index("expert") * e_local
+    is_local = (lid >= 0) & (lid < e_local)
+    key = jnp.where(is_local, lid, e_local)                    # foreign assignments sort last, outside groups
+    order, token_of, _, sizes = _sort_assignments(key, e_local + 1)
+    out = ragged_ffn(xg[token_of], sizes[:e_local], wg, wu, wd)
+    out = jnp.where(is_local.reshape(-1)[order][:, None], out, 0)
+    y = _combine(out, order, jnp.where(is_local, wgt, 0.0), x.dtype)
+    y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, "tensor")
+
+  tok = P(BATCH_AXES, None)
+  return jax.shard_map(
+      local, in_specs=(tok, tok, tok, P("expert", None, "tensor"), P("expert", None, "tensor"),
+                       P("expert", "tensor", None)),
+      out_specs=tok, check_vma=False)(x, idx, w, wg, wu, wd)
+
+
+def resolve_dispatch(name: str) -> str:
+  """`auto`: expert parallelism when the context mesh has an expert axis > 1, else blocked on CPU, ragged on
+  accelerators."""
+  if name != "auto":
+    return name
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and dict(mesh.shape).get("expert", 1) > 1:
+    return "ep"
+  return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+
+def get_dispatch(name: str, block: int = 64) -> Callable:
+  name = resolve_dispatch(name)
+  return {"ragged": dispatch_ragged, "dense": dispatch_dense, "ep": dispatch_ep,
+          "blocked": functools.partial(dispatch_blocked, block=block)}[name]
+
+
+# ----------------------------------------------------------------------------------------------- modules
+class Router(nn.Module):
+  """Sigmoid router with the aux-loss-free correction bias (`moe_state` collection)."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    m = self.config
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(m.initializer_range),
+                                                               ("embed", None)),
+                        (x.shape[-1], m.n_routed_experts), dtype_of(m.param_dtype))
+    bias = self.variable("moe_state", "e_score_correction_bias",
+                         lambda: jnp.zeros((m.n_routed_experts,), jnp.float32)).value
+    scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+    idx, w = route(scores, bias, m)
+    return idx, w, scores
+
+
+class MoE(nn.Module):
+  """Routed experts (stacked [E, ...] weights) + shared expert(s). Returns (y, aux)."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict]:
+    m = self.config
+    b, l, d = x.shape
+    e, f, dt = m.n_routed_experts, m.moe_intermediate_size, dtype_of(m.dtype)
+    x2 = x.reshape(b * l, d)
+    idx, w, scores = Router(m, name="gate")(x2)
+    init = nn.initializers.normal(m.initializer_range)
+    pd = dtype_of(m.param_dtype)
+    experts = {
+        name: self.param(f"experts_{name}", nn.with_logical_partitioning(init, names), shape, pd).astype(dt)
+        for name, names, shape in (("gate_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
+                                   ("up_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
+                                   ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d)))}
+    dispatch = get_dispatch(m.moe_dispatch, m.moe_block_size)
+    y = dispatch(x2.astype(dt), idx, w, experts["gate_proj"], experts["up_proj"], experts["down_proj"])
+    y = y.reshape(b, l, d)
+    if m.n_shared_experts:
+      y = y + SwiGLU(f * m.n_shared_experts, m.dtype, m.param_dtype, m.initializer_range,
+                     name="shared_experts")(x)
+    v = valid.reshape(-1).astype(jnp.float32)
+    load = jnp.zeros((e,), jnp.float32).at[idx.reshape(-1)].add(jnp.repeat(v, idx.shape[1]))
+    aux = {"expert_load": load}
+    if m.seq_aux_loss_alpha > 0:
+      aux["aux_loss"] = m.seq_aux_loss_alpha * sequence_aux_loss(
+          scores.reshape(b, l, e), idx.reshape(b, l, -1), valid, m.num_experts_per_tok)
+    return nn.with_logical_constraint(y, ("batch", "length", "act_embed")), aux

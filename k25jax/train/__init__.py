@@ -1,0 +1,1 @@
+"""Training: losses, train state and steps, loop, checkpointing, metrics."""

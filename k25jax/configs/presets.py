@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from k25jax.configs import data as data_presets
 from k25jax.configs import vision as vision_presets
 
 PRESETS = ("tiny", "small", "k25_full")
@@ -104,4 +105,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = model_config(name)
   config.mesh = mesh_config()
   config.train = train_config(name)
+  config.data = data_presets.data_config(name)
   return config

@@ -377,3 +377,13 @@ def test_unknown_preset_and_mesh_errors():
   c.mesh.update(data=3, fsdp=1)
   with pytest.raises(ConfigError, match="needs 3 devices"):
     shd.make_mesh(c)
+
+
+def test_flops_count_matches_parameter_count():
+  from k25jax.train import flops
+  for preset in ("tiny", "k25_full"):
+    m = get_config(preset).model
+    r = count_lm(m)
+    norms = m.hidden_size * (2 * m.num_hidden_layers + 1) + m.num_hidden_layers * (m.q_lora_rank + m.kv_lora_rank)
+    embed = m.vocab_size * m.hidden_size
+    assert flops.matmul_params_per_token(m) == r["active_params"] - embed - norms

@@ -81,6 +81,15 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises `ConfigError` naming the field and the fix; returns the config unchanged."""
+  from k25jax.configs.vision import validate_vision  # noqa: PLC0415 (vision.py imports ConfigError from here)
   validate_mesh(config.mesh)
   validate_model(config.model, config.mesh)
+  v = config.model.vision
+  if v.enabled:
+    validate_vision(v)
+    t = int(config.mesh.tensor)
+    if t > 0:
+      _check(v.num_attention_heads % t == 0 and v.intermediate_size % t == 0,
+             f"model.vision.num_attention_heads={v.num_attention_heads} / intermediate_size={v.intermediate_size} "
+             f"must be divisible by mesh.tensor={t}")
   return config

@@ -1,4 +1,4 @@
-"""Models: the Kimi K2 LM (`lm.K2LM`) and, with `config.model.vision.enabled`, the K2.5 multimodal model."""
+"""Models: the Kimi K2 LM (`lm.K2LM`) and the K2.5 multimodal model (`k25.K25Model`: MoonViT-3D + projector + LM)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ import ml_collections
 
 from k25jax.model.lm import K2LM
 
-__all__ = ["K2LM", "build_lm", "init_lm", "text_inputs"]
+__all__ = ["K2LM", "build_lm", "build_model", "init_lm", "text_inputs"]
 
 
 def build_lm(config: ml_collections.ConfigDict) -> K2LM:
   """The text-only LM of a full config."""
+  return K2LM(config.model)
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """K25Model when `config.model.vision.enabled`, else the text-only K2LM."""
+  if config.model.vision.enabled:
+    from k25jax.model.k25 import K25Model  # noqa: PLC0415 (keeps `import k25jax.model` light)
+    return K25Model(config.model)
   return K2LM(config.model)
 
 

@@ -23,6 +23,14 @@ from k25jax.model.moe import update_correction_bias
 from k25jax.train.loss import cross_entropy
 
 
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of the LM parameters (no allocation), e.g. to build an optimizer's masks."""
+  x = text_inputs(1, 8)
+  model = K2LM(config.model)
+  return shd.unbox(jax.eval_shape(lambda k: model.init(k, x["tokens"], x["positions"], x["segment_ids"]),
+                                  jax.random.key(0))["params"])
+
+
 def init_state(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation, seed: int = 0
                ) -> tuple[dict, Any]:
   """(state, state_shardings) with params, moe_state, opt_state and step, each created on its shards."""

@@ -1,0 +1,152 @@
+"""Train-step benchmark: matmul peak, tokens/s and MFU of the `small` LM, and the MoE dispatch paths side by side.
+
+python -m benchmarks.train_step --out out/train_step.json [--preset small] [--steps 8]
+
+Everything is measured in this one process: first the machine's matmul peak (jitted square `jax.lax.dot`, median
+of repeats, for the model's compute dtype), then a jitted, donated forward + backward + optimizer update of the
+preset (FLOPs from `k25jax.train.flops`), then each expert dispatch's forward + backward at (E=64, k=8) and
+(E=8, k=2). MFU = model FLOPs per second / measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k25jax import sharding as shd
+from k25jax.configs import get_config, validate
+from k25jax.model import moe as moe_lib
+from k25jax.train import flops, simple
+
+
+def _median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` (bf16 inputs accumulate in f32, as the model's matmuls do)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / _median_time(f, a, b, repeats=repeats)
+
+
+def make_optimizer(config, optimizer: str, params):
+  import optax
+  if optimizer == "adamw":
+    return optax.chain(optax.clip_by_global_norm(config.train.grad_clip),
+                       optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay))
+  from k25jax.optim import make_optimizer as make_muonclip  # noqa: PLC0415
+  return make_muonclip(config, params)
+
+
+def bench_train_step(preset: str, steps: int, optimizer: str, overrides: dict) -> dict:
+  config = get_config(preset)
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  validate(config)
+  mesh = shd.make_mesh(config)
+  m = config.model
+  b, l = config.train.batch_size, config.train.seq_len
+  tx = make_optimizer(config, optimizer, simple.abstract_params(config))
+  state, shardings = simple.init_state(config, mesh, tx, config.seed)
+  step = simple.make_train_step(config, mesh, tx, shardings)
+  rng = np.random.default_rng(0)
+  batches = [shd.global_batch(simple.synthetic_batch(rng, b, l, m.vocab_size), mesh) for _ in range(steps + 2)]
+  t0 = time.perf_counter()
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(metrics["loss"])
+  compile_s = time.perf_counter() - t0
+  state, metrics = step(state, batches[1])
+  jax.block_until_ready(metrics["loss"])
+  times = []
+  for batch in batches[2:]:
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  fpt = flops.train_flops_per_token(m, l)
+  return dict(preset=preset, optimizer=optimizer, dtype=m.dtype, moe_dispatch=moe_lib.resolve_dispatch(m.moe_dispatch),
+              batch=b, seq_len=l, step_s=step_s, compile_s=compile_s, tokens_per_s=b * l / step_s,
+              flops_per_token=fpt, model_flops_per_s=fpt * b * l / step_s, final_loss=float(metrics["loss"]))
+
+
+def bench_dispatch(e: int, k: int, tokens: int, d: int, f: int, repeats: int) -> dict[str, float]:
+  """Seconds per forward + backward call of each dispatch path on the same routed batch."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.float32)
+  scores = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32))
+  idx = jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+  w = jnp.take_along_axis(scores, idx, -1)
+  ws = [jnp.asarray(rng.standard_normal(s) * 0.05, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+  out = {}
+  mesh_cfg = get_config("tiny")
+  mesh_cfg.mesh.update(data=1, fsdp=1, expert=jax.device_count(), tensor=1)
+  for name in moe_lib.DISPATCHES:
+    fn = moe_lib.get_dispatch(name, 64)
+    grad = jax.jit(jax.grad(lambda x, w, wg, wu, wd, idx: jnp.sum(fn(x, idx, w, wg, wu, wd) ** 2),
+                            argnums=(0, 1, 2, 3, 4)))
+    if name == "ep":
+      with jax.set_mesh(shd.make_mesh(mesh_cfg)):
+        out[name] = _median_time(grad, x, w, *ws, idx, repeats=repeats)
+    else:
+      out[name] = _median_time(grad, x, w, *ws, idx, repeats=repeats)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--preset", default="small")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--optimizer", default="muonclip", choices=("muonclip", "adamw"))
+  parser.add_argument("--dispatch_tokens", type=int, default=2048)
+  parser.add_argument("--set", action="append", default=[], help="group.field=value override, e.g. train.batch_size=16")
+  args = parser.parse_args()
+  overrides = {}
+  for item in args.set:
+    key, value = item.split("=", 1)
+    overrides[key] = type(get_config(args.preset)[key.split(".")[0]][key.split(".")[1]])(value)
+  dtype = get_config(args.preset).model.dtype
+  peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
+  train = bench_train_step(args.preset, args.steps, args.optimizer, overrides)
+  dispatch = {
+      "E64_k8": bench_dispatch(64, 8, args.dispatch_tokens, 256, 128, repeats=3),
+      "E8_k2": bench_dispatch(8, 2, args.dispatch_tokens, 256, 128, repeats=3),
+  }
+  default = moe_lib.resolve_dispatch("auto")
+  e64 = {k: v for k, v in dispatch["E64_k8"].items() if k != "ep"}
+  result = dict(
+      device=jax.devices()[0].device_kind, device_count=jax.device_count(), cpu_count=os.cpu_count(),
+      peak_flops=peak[dtype], peak_flops_by_dtype=peak, **train,
+      mfu=train["model_flops_per_s"] / peak[dtype],
+      dispatch=dispatch, default_cpu_dispatch=default,
+      default_speedup_vs_slowest_E64=max(e64.values()) / e64[default],
+      notes="dispatch: seconds per forward+backward call; 'ep' runs on a mesh whose expert axis spans the "
+            f"{jax.device_count()} local device(s)")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as fh:
+    json.dump(result, fh, indent=2)
+  print(f"peak {peak[dtype] / 1e9:.0f} GFLOP/s ({dtype})  {train['tokens_per_s']:.0f} tok/s  "
+        f"MFU {result['mfu']:.3f}  step {train['step_s'] * 1e3:.0f} ms")
+  for setting, times in dispatch.items():
+    print(setting, "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
+
+
+if __name__ == "__main__":
+  main()

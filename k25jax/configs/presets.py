@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from k25jax.configs import data as data_presets
+from k25jax.configs import optim as optim_presets
 from k25jax.configs import vision as vision_presets
 
 PRESETS = ("tiny", "small", "k25_full")
@@ -106,4 +107,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = mesh_config()
   config.train = train_config(name)
   config.data = data_presets.data_config(name)
+  config.optim = optim_presets.optim_config(name)
   return config

@@ -81,8 +81,11 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises `ConfigError` naming the field and the fix; returns the config unchanged."""
-  from k25jax.configs.vision import validate_vision  # noqa: PLC0415 (vision.py imports ConfigError from here)
+  from k25jax.configs.optim import validate_optim  # noqa: PLC0415 (these import ConfigError from here)
+  from k25jax.configs.vision import validate_vision  # noqa: PLC0415
   validate_mesh(config.mesh)
+  if "optim" in config:
+    validate_optim(config.optim)
   validate_model(config.model, config.mesh)
   v = config.model.vision
   if v.enabled:

@@ -1,4 +1,4 @@
-"""Foundation demo: a few sharded train steps of the `tiny` K2 model on a toy stream, printing the losses.
+"""A few sharded MuonClip train steps of the `tiny` K2 model on a toy stream, printing the losses.
 
 python -m k25jax.train.demo [--config=k25jax/configs/presets.py:tiny] [--config.train.steps=20]
 """
@@ -9,11 +9,11 @@ import time
 
 import jax
 import numpy as np
-import optax
 from absl import app
 
 from k25jax import sharding as shd
 from k25jax.configs import cli, validate
+from k25jax.optim import make_optimizer
 from k25jax.train import simple
 
 _CONFIG = cli.define_config_flag()
@@ -23,7 +23,7 @@ def main(argv):
   del argv
   config = validate(_CONFIG.value)
   mesh = shd.make_mesh(config)
-  tx = optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay)
+  tx = make_optimizer(config, simple.abstract_params(config))
   state, shardings = simple.init_state(config, mesh, tx, config.seed)
   step = simple.make_train_step(config, mesh, tx, shardings)
   rng = np.random.default_rng(config.seed)

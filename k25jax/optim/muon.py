@@ -1,0 +1,134 @@
+"""MuonClip's optimizer half: optax Muon on every hidden matrix, AdamW on the rest (digest §8, Algorithm 1).
+
+Routing (`muon_dimension_numbers`), by parameter path:
+- AdamW (`None`): the token embedding and the LM head (Moonlight/Kimi keep both on AdamW, digest §8), every
+  norm gain and bias (vectors), the vision pos-emb table (an embedding), and the vision patch projection
+  `patch_embed/proj/kernel`. The last is our call: it is the network's input layer, which the Muon recipe keeps
+  on AdamW like the token embedding (Muon is a rule for hidden layers); Kimi-VL reports Muon on "all"
+  vision parameters (digest §8), so this is a deliberate, documented deviation for one small matrix.
+- Muon: every other matrix, including the MoE router kernel `gate/kernel` [L, D, E]. Moonlight's reference
+  sends every >= 2-D parameter except `embed_tokens` and `lm_head` to Muon, which includes the DeepSeek-V3 gate
+  weight (MaxText's rules do the same); the router is a hidden linear map like any other.
+
+Each *logical* matrix is orthogonalised on its own: scanned stacks (`dense_layers`, `moe_layers`, vision
+`blocks`) add a leading layer batch axis, routed experts `experts_*` [.., E, in, out] add an expert batch axis,
+the fused vision `wqkv` [.., D, 3, heads, hd] keeps q, k and v apart (the 3-axis is a batch axis), and the vision
+`wo` [.., heads, hd, D] reduces over (heads, hd). Batch axes are vmapped by optax, never folded into a matrix.
+
+Weight decay (decoupled, `W <- W - lr * wd * W`) applies to every matrix and embedding table, Muon or AdamW, and
+skips norm gains and biases (`weight_decay_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from k25jax.configs.optim import validate_optim
+from k25jax.configs.validate import ConfigError
+from k25jax.optim.schedules import wsd_schedule
+
+# Scopes created by `nn.scan` over layers (a leading `layers` axis on every parameter below them).
+SCANNED_SCOPES = frozenset({"dense_layers", "moe_layers", "blocks"})
+# Vector parameters: norm gains (RMSNorm `weight`, LayerNorm `scale`) and biases.
+VECTOR_NAMES = frozenset({"weight", "scale", "bias"})
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _route(names: tuple[str, ...], shape: tuple[int, ...]) -> MuonDimensionNumbers | None:
+  """Dimension numbers of one parameter (None = AdamW); raises for parameters no rule covers."""
+  leaf, where = names[-1], "/".join(names)
+  if (leaf in VECTOR_NAMES or leaf in ("embedding", "pos_emb") or "lm_head" in names
+      or (leaf == "kernel" and "patch_embed" in names)):
+    return None
+  if leaf != "kernel" and not leaf.startswith("experts_"):
+    raise ValueError(f"muon_dimension_numbers: no rule for parameter {where} with shape {shape}; add one to "
+                     "k25jax/optim/muon.py (`_route`) sending it to Muon or AdamW")
+  nb = sum(n in SCANNED_SCOPES for n in names[:-1]) + leaf.startswith("experts_")
+  module = names[-2] if len(names) > 1 else ""
+  if module == "wqkv":      # vision fused qkv [.., D, 3, heads, hd]: q, k, v are separate matrices
+    rank, dims = nb + 4, MuonDimensionNumbers((nb,), (nb + 2, nb + 3))
+  elif module == "wo" and len(shape) == nb + 3:   # vision out-projection [.., heads, hd, D]
+    rank, dims = nb + 3, MuonDimensionNumbers((nb, nb + 1), (nb + 2,))
+  else:
+    rank, dims = nb + 2, MuonDimensionNumbers((nb,), (nb + 1,))
+  if len(shape) != rank:
+    raise ValueError(f"muon_dimension_numbers: parameter {where} has shape {shape} but its path implies rank "
+                     f"{rank} ({nb} stacked layer/expert axes + the matrix axes); fix the rule in "
+                     "k25jax/optim/muon.py (`_route`) or the module's parameter layout")
+  return dims
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+  """Tree like `params`: `MuonDimensionNumbers` for Muon matrices, `None` for AdamW (digest §8; module doc).
+
+  Works for the text `K2LM` tree, the multimodal tree (`language_model/`, `vision_tower/`, `mm_projector/`) and
+  masked subtrees (optax `MaskedNode`s are kept). Leaves may be arrays or `ShapeDtypeStruct`s.
+  """
+  return jax.tree_util.tree_map_with_path(lambda p, x: _route(_path_names(p), tuple(x.shape)),
+                                          nn.meta.unbox(params))
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Bool tree like `params`: decay matrices and embedding tables, not norm gains or biases (digest §8)."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: _path_names(p)[-1] not in VECTOR_NAMES,
+                                          nn.meta.unbox(params))
+
+
+def optimizer_labels(params: Any) -> Any:
+  """'muon' / 'adam' per leaf, from `muon_dimension_numbers` (validates every parameter eagerly)."""
+  dims = muon_dimension_numbers(params)
+  return jax.tree.map(lambda d: "adam" if d is None else "muon", dims,
+                      is_leaf=lambda d: d is None or isinstance(d, MuonDimensionNumbers))
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, peak_lr: float, total_steps: int) -> optax.Schedule:
+  """The WSD schedule of `config.optim.schedule` at `peak_lr` over `total_steps` (digest §2.2)."""
+  s = optim.schedule
+  return wsd_schedule(peak_lr, total_steps, s.warmup_frac, s.decay_frac, s.final_frac, s.decay_shape)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+  """MuonClip's update rule (digest §8, Algorithm 1 step 1) from `config.optim`, `config.train`.
+
+  clip_by_global_norm(config.train.grad_clip) (skipped when <= 0), then
+  - Muon (`optax.contrib.muon`): Nesterov momentum, `ns_steps` quintic Newton-Schulz steps, update scaled by
+    `consistent_rms * sqrt(max(fan_in, fan_out))`, decoupled weight decay, on the matrices of
+    `muon_dimension_numbers`;
+  - AdamW (b1, b2, eps of `config.optim`, decoupled weight decay masked by `weight_decay_mask`) on the rest.
+  Both follow the WSD schedule over `config.train.steps`; AdamW uses `adam_learning_rate` when set.
+  `optim.name="adamw"` gives AdamW on everything (ablations). QK-Clip (step 2) is `k25jax.optim.qk_clip`,
+  applied by the train step after the update.
+
+  optax's own AdamW branch inside `contrib.muon` shares Muon's `nesterov` flag and cannot mask weight decay, so
+  the AdamW leaves are routed to a separate `optax.adamw` by `optax.partition`; `contrib.muon` only ever sees
+  Muon leaves.
+  """
+  if "optim" not in config:
+    raise ConfigError("config.optim is missing; attach one with "
+                      "`config.optim = k25jax.configs.optim.optim_config(config.preset)`")
+  o = config.optim
+  validate_optim(o)
+  steps = int(config.train.steps)
+  lr = learning_rate_schedule(o, o.learning_rate, steps)
+  adam_lr = lr if o.adam_learning_rate is None else learning_rate_schedule(o, o.adam_learning_rate, steps)
+  adamw = lambda rate: optax.adamw(rate, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps,
+                                   weight_decay=o.weight_decay, mask=weight_decay_mask)
+  if o.name == "adamw":
+    tx = adamw(lr)
+  else:
+    muon = optax.contrib.muon(
+        lr, ns_steps=int(o.ns_steps), beta=o.momentum, weight_decay=o.weight_decay, nesterov=bool(o.nesterov),
+        muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=o.consistent_rms)
+    tx = optax.partition({"muon": muon, "adam": adamw(adam_lr)}, optimizer_labels(params))
+  clip = config.train.grad_clip
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+

@@ -31,8 +31,8 @@ _DEFAULT = (
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    ("q_lora", "fsdp"),      # q_b/kv_b are [lora, heads]: FSDP on the lora dim (a repeated axis is dropped, so
+    ("kv_lora", "fsdp"),     # q_a/kv_a [embed, lora] stay sharded on embed only)
     ("mlp", "tensor"),
     ("moe_mlp", "tensor"),
     ("exp", "expert"),

@@ -96,9 +96,10 @@ def test_parity_with_transformers_and_exact_export(saved, tmp_path):
   config.model.moe_dispatch = "dense"
   mesh = _mesh(config)
   config, variables = hf.load_hf(path, config, mesh)
-  # Placed straight into the rule shardings: q_b_proj's heads on `tensor`, the embedding's width on `fsdp`.
+  # Placed straight into the rule shardings: q_b_proj's lora dim on `fsdp` and heads on `tensor`, the embedding's
+  # width on `fsdp`.
   qb = variables["params"]["moe_layers"]["self_attn"]["q_b_proj"]["kernel"]
-  assert qb.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+  assert qb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   emb = variables["params"]["embed_tokens"]["embedding"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   bias = variables["moe_state"]["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]

@@ -59,11 +59,11 @@ def mla_reference(p, x, m):
   """Plain multi-head attention over one sequence x [L, D] built from MLA's weights (DeepSeek-V3 equations)."""
   L = x.shape[0]
   H, nope, rd, vd = m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-  q = _rms(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["weight"], m.rms_norm_eps) @ p["q_b_proj"]["kernel"]
+  q = _rms(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["weight"], 1e-6) @ p["q_b_proj"]["kernel"]
   q = q.reshape(L, H, nope + rd)
   ckv = x @ p["kv_a_proj_with_mqa"]["kernel"]
   c, kr = ckv[:, :m.kv_lora_rank], ckv[:, m.kv_lora_rank:]
-  kv = (_rms(c, p["kv_a_layernorm"]["weight"], m.rms_norm_eps) @ p["kv_b_proj"]["kernel"]).reshape(L, H, nope + vd)
+  kv = (_rms(c, p["kv_a_layernorm"]["weight"], 1e-6) @ p["kv_b_proj"]["kernel"]).reshape(L, H, nope + vd)
   inv_freq = 1.0 / (m.rope_theta ** (np.arange(0, rd, 2) / rd))
   pos = np.arange(L, dtype=np.float64)
   qr = np.stack([_rope_complex(q[:, h, nope:], pos, inv_freq) for h in range(H)], 1)

@@ -217,6 +217,7 @@ def test_wsd_schedule_values():
 
 def test_make_optimizer_config_errors():
   config = get_config("tiny")
+  del config["optim"]
   params = {"proj": {"kernel": jnp.zeros((4, 4))}}
   with pytest.raises(ConfigError, match="config.optim is missing"):
     make_optimizer(config, params)

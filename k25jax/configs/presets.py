@@ -16,6 +16,7 @@ import ml_collections
 
 from k25jax.configs import data as data_presets
 from k25jax.configs import optim as optim_presets
+from k25jax.configs import sample as sample_presets
 from k25jax.configs import vision as vision_presets
 
 PRESETS = ("tiny", "small", "k25_full")
@@ -108,4 +109,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = train_config(name)
   config.data = data_presets.data_config(name)
   config.optim = optim_presets.optim_config(name)
+  config.sample = sample_presets.sample_config()
   return config

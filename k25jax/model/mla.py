@@ -20,6 +20,9 @@ from k25jax.model import rope
 from k25jax.model.layers import Linear, RMSNorm, dtype_of
 
 NEG_INF = -1e30
+# The latent norms (q_a_layernorm, kv_a_layernorm) use eps 1e-6 whatever `rms_norm_eps` says, as the DeepSeek-V3
+# reference and transformers' DeepseekV3Attention build them; only the decoder-level norms use `rms_norm_eps`.
+LATENT_NORM_EPS = 1e-6
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
@@ -54,12 +57,12 @@ class MLA(nn.Module):
     h, nope, rdim, vdim = m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     if m.q_lora_rank:
       self.q_a_proj = Linear(m.q_lora_rank, ("embed", "q_lora"), **kw)
-      self.q_a_layernorm = RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype)
+      self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, m.dtype, m.param_dtype)
       self.q_b_proj = Linear(h * (nope + rdim), ("q_lora", "heads"), **kw)
     else:
       self.q_proj = Linear(h * (nope + rdim), ("embed", "heads"), **kw)
     self.kv_a_proj_with_mqa = Linear(m.kv_lora_rank + rdim, ("embed", "kv_lora"), **kw)
-    self.kv_a_layernorm = RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype)
+    self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, m.dtype, m.param_dtype)
     self.kv_b_proj = Linear(h * (nope + vdim), ("kv_lora", "heads"), **kw)
     self.o_proj = Linear(m.hidden_size, ("heads", "embed"), **kw)
 

@@ -1,0 +1,189 @@
+"""Generation throughput: k25jax's latent-cache sampler vs transformers' DeepseekV3ForCausalLM.generate.
+
+Issue 7 / digest §1.1. Both run on this CPU in one process, on the same `small` config and the same random
+weights (our params converted to HF's in-memory layout: transposed kernels, experts fused into
+`experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)). Before timing, both decode the same short
+prompts greedily and the JSON records whether the tokens agree and the largest logit gap of one forward.
+Timed: greedy decoding of `--new` tokens after a `--prompt`-token prompt at each batch size (no stop tokens, so
+every row generates exactly `--new` tokens); generated tokens/s = batch * new / wall time (prefill included),
+median of `--reps` runs after one warm-up (our warm-up compiles).
+
+  python -m benchmarks.sampler --out /tmp/sampler_bench.json [--preset small] [--batches 1,8,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from k25jax.configs import get_config, validate  # noqa: E402
+from k25jax.model import K2LM, text_inputs  # noqa: E402
+from k25jax.sample import generate  # noqa: E402
+from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
+
+
+def hf_config(m) -> DeepseekV3Config:
+  """A DeepseekV3Config equal to our model config: plain rope (YaRN off), interleaved pairs, sigmoid noaux_tc
+  routing without groups, our norm eps, untied head."""
+  if m.rope_scaling.type != "none":
+    raise ValueError(f"model.rope_scaling.type={m.rope_scaling.type!r}: this benchmark maps only plain rope; "
+                     "use a preset without YaRN (tiny/small)")
+  return DeepseekV3Config(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      moe_intermediate_size=m.moe_intermediate_size, num_hidden_layers=m.num_hidden_layers,
+      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_attention_heads,
+      n_shared_experts=m.n_shared_experts, n_routed_experts=m.n_routed_experts,
+      routed_scaling_factor=m.routed_scaling_factor, kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank,
+      qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, qk_nope_head_dim=m.qk_nope_head_dim,
+      n_group=m.n_group, topk_group=m.topk_group, num_experts_per_tok=m.num_experts_per_tok,
+      first_k_dense_replace=m.first_k_dense_replace, norm_topk_prob=m.norm_topk_prob, hidden_act="silu",
+      max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps, pad_token_id=0,
+      bos_token_id=None, eos_token_id=None, tie_word_embeddings=False, attention_bias=False,
+      rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)}, rope_interleave=True,
+      num_mtp_layers=0)
+
+
+def to_hf_state_dict(params, moe_state, m) -> dict[str, torch.Tensor]:
+  """Our (scanned, [in, out]) parameter tree -> HF DeepseekV3ForCausalLM in-memory state dict."""
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  sd = {"model.embed_tokens.weight": t(params["embed_tokens"]["embedding"]),
+        "model.norm.weight": t(params["norm"]["weight"]),
+        "lm_head.weight": t(np.asarray(params["lm_head"]["kernel"]).T)}
+  n_dense = m.first_k_dense_replace
+  for i in range(m.num_hidden_layers):
+    stack, j = ("dense_layers", i) if i < n_dense else ("moe_layers", i - n_dense)
+    lp = jax.tree.map(lambda a: np.asarray(a)[j], params[stack])
+    pre = f"model.layers.{i}."
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      sd[pre + norm + ".weight"] = t(lp[norm]["weight"])
+    for name, sub in lp["self_attn"].items():
+      sd[pre + f"self_attn.{name}.weight"] = t(sub["kernel"].T if "kernel" in sub else sub["weight"])
+    mlp = lp["mlp"]
+    if i < n_dense:
+      for name in ("gate_proj", "up_proj", "down_proj"):
+        sd[pre + f"mlp.{name}.weight"] = t(mlp[name]["kernel"].T)
+      continue
+    sd[pre + "mlp.gate.weight"] = t(mlp["gate"]["kernel"].T)
+    bias = moe_state["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]
+    sd[pre + "mlp.gate.e_score_correction_bias"] = t(np.asarray(bias)[j])
+    gate_up = np.concatenate([mlp["experts_gate_proj"], mlp["experts_up_proj"]], axis=-1)   # [E, D, 2I]
+    sd[pre + "mlp.experts.gate_up_proj"] = t(gate_up.transpose(0, 2, 1))
+    sd[pre + "mlp.experts.down_proj"] = t(np.asarray(mlp["experts_down_proj"]).transpose(0, 2, 1))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      sd[pre + f"mlp.shared_experts.{name}.weight"] = t(mlp["shared_experts"][name]["kernel"].T)
+  return sd
+
+
+def build_hf(params, moe_state, m) -> DeepseekV3ForCausalLM:
+  model = DeepseekV3ForCausalLM(hf_config(m)).eval()
+  missing, unexpected = model.load_state_dict(to_hf_state_dict(params, moe_state, m), strict=False)
+  if missing or unexpected:
+    raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+  # HF builds q_a_layernorm / kv_a_layernorm with eps 1e-6 regardless of rms_norm_eps; ours use rms_norm_eps.
+  for layer in model.model.layers:
+    layer.self_attn.q_a_layernorm.variance_epsilon = m.rms_norm_eps
+    layer.self_attn.kv_a_layernorm.variance_epsilon = m.rms_norm_eps
+  return model
+
+
+def hf_generate(model, prompts: np.ndarray, new: int) -> np.ndarray:
+  """Greedy, KV-cached HF generation of exactly `new` tokens for equal-length prompts."""
+  ids = torch.from_numpy(prompts.astype(np.int64))
+  with torch.inference_mode():
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, use_cache=True, pad_token_id=0)
+  return out[:, prompts.shape[1]:].numpy()
+
+
+def timed(fn, reps: int) -> float:
+  fn()                                                  # warm-up (compiles ours)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--preset", default="small")
+  parser.add_argument("--batches", default="1,8,32")
+  parser.add_argument("--prompt", type=int, default=64)
+  parser.add_argument("--new", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=2)
+  parser.add_argument("--init_std", type=float, default=0.1,
+                      help="weight init std: larger than the 0.02 default so greedy argmax is not a near-tie")
+  args = parser.parse_args()
+
+  config = get_config(args.preset)
+  config.model.initializer_range = args.init_std
+  validate(config)
+  m = config.model
+  mesh, rules = make_mesh(config), get_rules(config)
+  x = text_inputs(1, 8)
+  variables, _ = init_sharded(K2LM(m).init, mesh, rules, jax.random.key(config.seed), x["tokens"], x["positions"],
+                              x["segment_ids"])
+  params, moe_state = variables["params"], variables["moe_state"]
+  bias = moe_state["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]
+  moe_state["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"] = (
+      0.05 * jax.random.normal(jax.random.key(1), bias.shape))
+  host_params, host_state = jax.device_get((params, moe_state))
+  hf = build_hf(host_params, host_state, m)
+  torch.set_grad_enabled(False)
+
+  # Agreement: greedy tokens on short prompts, and the logits of one forward.
+  rng = np.random.default_rng(0)
+  check = rng.integers(1, m.vocab_size, (2, 8))
+  ours_check = generate(params, moe_state, config, [list(r) for r in check], max_new_tokens=16,
+                        rng=jax.random.key(0), greedy=True, mesh=mesh)["tokens"]
+  hf_check = hf_generate(hf, check, 16)
+  pos = np.broadcast_to(np.arange(8), check.shape)
+  with jax.set_mesh(mesh):
+    ours_logits, _ = K2LM(m).apply({"params": params, "moe_state": moe_state}, check, pos, np.ones_like(check))
+  hf_logits = hf(torch.from_numpy(check)).logits.numpy()
+  agreement = dict(prompt_tokens=8, new_tokens=16, rows=2,
+                   tokens_equal=bool(np.array_equal(ours_check, hf_check)),
+                   token_match_fraction=float(np.mean(ours_check == hf_check)),
+                   max_abs_logit_diff=float(np.max(np.abs(np.asarray(ours_logits) - hf_logits))))
+  print(f"agreement: {agreement}")
+
+  ours_tps, hf_tps, speedup = {}, {}, {}
+  for b in [int(s) for s in args.batches.split(",")]:
+    prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
+    rows = [list(r) for r in prompts]
+    ours_s = timed(lambda: generate(params, moe_state, config, rows, max_new_tokens=args.new,
+                                    rng=jax.random.key(0), greedy=True, mesh=mesh), args.reps)
+    hf_s = timed(lambda: hf_generate(hf, prompts, args.new), args.reps)
+    ours_tps[b], hf_tps[b] = b * args.new / ours_s, b * args.new / hf_s
+    speedup[b] = ours_tps[b] / hf_tps[b]
+    print(f"batch {b:3d}: ours {ours_tps[b]:9.1f} tok/s   transformers {hf_tps[b]:9.1f} tok/s   "
+          f"speedup {speedup[b]:6.2f}x")
+
+  result = dict(
+      benchmark="sampler", preset=args.preset, prompt_len=args.prompt, new_tokens=args.new, reps=args.reps,
+      init_std=args.init_std, moe_dispatch=m.moe_dispatch, dtype=m.dtype, devices=len(mesh.devices.flat),
+      ours_tokens_per_s={str(k): v for k, v in ours_tps.items()},
+      hf_tokens_per_s={str(k): v for k, v in hf_tps.items()},
+      speedup={str(k): v for k, v in speedup.items()}, agreement=agreement,
+      versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
+      torch_threads=torch.get_num_threads(), machine=platform.machine(), cpus=os.cpu_count())
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

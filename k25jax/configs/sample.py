@@ -1,0 +1,37 @@
+"""Optional `config.sample` group for `k25jax.sample.generate` (DESIGN "generation").
+
+Every field has a default here; a config without a `sample` group uses them.
+  min_prompt_bucket  prompts are left-padded to the next power of two >= max(prompt length, this), so one
+                     compiled program serves every batch whose longest prompt falls in the same bucket
+  pad_id             token id written into prompt padding and into the outputs after a sequence stops
+  cache_dtype        dtype of the MLA latent cache; "" means the model's compute dtype (`model.dtype`)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from k25jax.configs.validate import DTYPES, ConfigError
+
+
+def sample_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype=""))
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.sample` merged over the defaults, checked; raises ConfigError naming the field and the fix."""
+  s = sample_config()
+  given = config.get("sample", None)
+  if given is not None:
+    unknown = set(given.keys()) - set(s.keys())
+    if unknown:
+      raise ConfigError(f"config.sample has unknown fields {sorted(unknown)}; known: {sorted(s.keys())}")
+    s.update(given)
+  if int(s.min_prompt_bucket) < 1:
+    raise ConfigError(f"sample.min_prompt_bucket={s.min_prompt_bucket} must be >= 1")
+  if not 0 <= int(s.pad_id) < int(config.model.vocab_size):
+    raise ConfigError(f"sample.pad_id={s.pad_id} must be a token id in [0, model.vocab_size="
+                      f"{config.model.vocab_size})")
+  if s.cache_dtype not in ("",) + DTYPES:
+    raise ConfigError(f"sample.cache_dtype={s.cache_dtype!r}: choose from {('',) + DTYPES} ('' = model.dtype)")
+  return s

@@ -1,0 +1,329 @@
+"""Generation with MLA's compressed cache: prefill, then a jitted decode loop (DESIGN "generation"; digest §1.1).
+
+The decode forward runs the LM's own sub-modules on its parameter tree (one source of truth for the math):
+`RMSNorm`, `MLA.project_q` / `MLA.project_latent` / `o_proj`, `MoE` (router, correction bias and the dispatch the
+config selects) or `SwiGLU`, `K2LM.embed`, `K2LM.norm` + `K2LM.head`, each through `Module.apply(..., method=...)`.
+Only attention differs from the training forward: it runs in DeepSeek-V3's absorbed form over the latent cache
+(`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries.
+
+Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
+slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
+gives the same tokens alone or beside longer prompts. Inputs are given right-padded (or as lists) and re-aligned
+inside the program.
+
+One compiled program per (batch, prompt bucket, max_new_tokens, stop tokens / 8, embeds or not, mesh);
+temperature, top-k, top-p and greedy are traced values and never recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from k25jax.configs import sample as sample_cfg
+from k25jax.configs.validate import validate
+from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
+from k25jax.model.lm import K2LM, freeze
+from k25jax.model.mla import MLA, attention_mask
+from k25jax.model.moe import MoE
+from k25jax.model import rope
+from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
+from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
+
+Params = Any
+
+
+# ----------------------------------------------------------------------------------------------- forward
+def _decoder_layer(m, use_moe: bool, lp: Params, ls: Params, x: jax.Array, cache: jax.Array, layer: jax.Array,
+                   slot: jax.Array, positions: jax.Array, mask: jax.Array, valid: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over `cache[layer]`; writes the chunk's
+  latents at `slot`. x [B,L,D], cache [layers,B,S,kv_lora+rope], mask [B,L,S]."""
+  norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
+  mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
+  h = norm("input_layernorm", x)
+  q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
+  c, k_rot = mla.apply(attn_vars, h, positions, method=MLA.project_latent)
+  new = jnp.concatenate([c, k_rot.astype(c.dtype)], axis=-1).astype(cache.dtype)
+  cache = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, slot, 0))
+  latent = jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
+  o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
+                         rope.softmax_scale(m), m.kv_lora_rank)
+  o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
+  x = x + mla.apply(attn_vars, o, method=lambda mod, y: mod.o_proj(y))
+  h = norm("post_attention_layernorm", x)
+  if use_moe:
+    y, _ = MoE(m).apply({"params": lp["mlp"], "moe_state": ls["mlp"]}, h, valid)
+  else:
+    y = SwiGLU(m.intermediate_size, m.dtype, m.param_dtype, m.initializer_range).apply({"params": lp["mlp"]}, h)
+  return nn.with_logical_constraint(x + y, ("batch", "length", "act_embed")), cache
+
+
+def forward_with_cache(params: Params, moe_state: Params, m: ml_collections.ConfigDict, x: jax.Array,
+                       cache: jax.Array, slot: jax.Array | int, positions: jax.Array, q_segment_ids: jax.Array,
+                       kv_segment_ids: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Runs embeddings x [B,L,D] (occupying cache slots [slot, slot+L)) through every layer, absorbed MLA over the
+  latent cache (digest §1.1). Returns (final hidden state before the last norm [B,L,D], updated cache).
+
+  positions / q_segment_ids [B,L] describe the chunk; kv_segment_ids / kv_positions [B,S] every cache slot
+  (`cache.slot_segments_and_positions`). The mask is the model's own `attention_mask`.
+  """
+  m = freeze(m)
+  mask = attention_mask(q_segment_ids, kv_segment_ids, positions, kv_positions)
+  valid = q_segment_ids > 0
+  n_dense = m.first_k_dense_replace
+  stacks = (("dense_layers", False, 0, n_dense), ("moe_layers", True, n_dense, m.num_hidden_layers - n_dense))
+  for name, use_moe, offset, count in stacks:
+    if not count:
+      continue
+
+    def body(carry, xs, use_moe=use_moe):
+      x, cache = carry
+      lp, ls, layer = xs
+      return _decoder_layer(m, use_moe, lp, ls, x, cache, layer, slot, positions, mask, valid), None
+
+    state = moe_state[name] if use_moe else {}
+    layers = offset + jnp.arange(count, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params[name], state, layers))
+  return x, cache
+
+
+def embed(params: Params, m: ml_collections.ConfigDict, tokens: jax.Array) -> jax.Array:
+  """`K2LM.embed` on the LM's parameters."""
+  return K2LM(freeze(m)).apply({"params": params}, tokens, method=K2LM.embed)
+
+
+def logits_from_hidden(params: Params, m: ml_collections.ConfigDict, h: jax.Array) -> jax.Array:
+  """`K2LM.head(K2LM.norm(h))` on the LM's parameters, as f32. h [B, L, D] -> [B, L, V]."""
+  out = K2LM(freeze(m)).apply({"params": params}, h, method=lambda mod, y: mod.head(mod.norm(y)))
+  return out.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """logits / temperature, then top-k (k = 0: off), then top-p (nucleus; 1: off), as HF's warpers order them.
+
+  logits [B, V] f32; the other arguments are traced scalars. Removed entries become -inf. Ties at a threshold
+  are kept.
+  """
+  x = logits / temperature
+  v = x.shape[-1]
+  desc = -jnp.sort(-x, axis=-1)
+  use_k = top_k > 0
+  kth = jax.lax.dynamic_index_in_dim(desc, jnp.clip(top_k - 1, 0, v - 1), axis=-1)
+  x = jnp.where(use_k & (x < kth), -jnp.inf, x)
+  desc = jnp.where(use_k & (jnp.arange(v) >= top_k), -jnp.inf, desc)
+  probs = jax.nn.softmax(desc, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = (mass_before < top_p) | (top_p >= 1.0)
+  n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+  return jnp.where(x < threshold, -jnp.inf, x)
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, greedy: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next tokens [B] and their log-probabilities under the RAW model (log-softmax of the unfiltered logits at
+  temperature 1), which is what RL objectives (digest §4.1) need, whatever temperature/top-k/top-p sampled.
+
+  Row b draws with `fold_in(key, b)`, so a row's sample does not depend on the batch padding or the mesh.
+  """
+  filtered = filter_logits(logits, temperature, top_k, top_p)
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0], dtype=jnp.int32))
+  sampled = jax.vmap(jax.random.categorical)(row_keys, filtered)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs
+
+
+# ----------------------------------------------------------------------------------------------- program
+def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
+  """Right-padded rows [B, P, ...] -> left-padded (row b's len_b items end at P - 1), `fill` elsewhere."""
+  p = x.shape[1]
+  src = jnp.arange(p, dtype=jnp.int32)[None, :] - (p - lengths)[:, None]
+  gathered = jnp.take_along_axis(x, jnp.clip(src, 0, p - 1).reshape(*src.shape, *([1] * (x.ndim - 2))), axis=1)
+  return jnp.where((src >= 0).reshape(*src.shape, *([1] * (x.ndim - 2))), gathered, fill)
+
+
+def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
+             *, m, max_new: int, cache_dtype: str, pad_id: int):
+  """Prefill + `lax.while_loop` decode. tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
+  b, p = tokens.shape
+  max_len = p + max_new - 1
+  lengths = lengths.astype(jnp.int32)
+  kv_seg, kv_pos = slot_segments_and_positions(lengths, p, max_len)
+  if input_embeds is None:
+    x = embed(params, m, _left_align(tokens, lengths, pad_id))
+  else:
+    x = _left_align(input_embeds.astype(dtype_of(m.dtype)), lengths, 0)
+  cache = nn.with_logical_constraint(init_cache(m, b, max_len, cache_dtype or None), CACHE_AXES)
+  h, cache = forward_with_cache(params, moe_state, m, x, cache, 0, kv_pos[:, :p], kv_seg[:, :p], kv_seg, kv_pos)
+  sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+  tok, lp = sample(logits_from_hidden(params, m, h[:, -1:])[:, 0], jax.random.fold_in(rng, 0))
+  out_tok = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+  out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
+  done = jnp.isin(tok, stop)
+  n_gen = jnp.ones((b,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, _, _, done, _ = carry
+    return (step < max_new) & ~jnp.all(done)
+
+  m_step = decode_moe_config(m, b)
+
+  def body(carry):
+    step, cache, last, out_tok, out_lp, done, n_gen = carry
+    q_pos = (lengths + step - 1)[:, None]
+    h, cache = forward_with_cache(params, moe_state, m_step, embed(params, m, last[:, None]), cache, p + step - 1,
+                                  q_pos, jnp.ones_like(q_pos), kv_seg, kv_pos)
+    tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, step))
+    tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
+    out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
+    out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, lp, step, axis=1)
+    n_gen = n_gen + (~done).astype(jnp.int32)
+    return step + 1, cache, tok, out_tok, out_lp, done | jnp.isin(tok, stop), n_gen
+
+  carry = (jnp.int32(1), cache, tok, out_tok, out_lp, done, n_gen)
+  _, _, _, out_tok, out_lp, _, n_gen = jax.lax.while_loop(cond, body, carry)
+  return out_tok, out_lp, n_gen
+
+
+def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int) -> ml_collections.FrozenConfigDict:
+  """The model config for one-token decode steps: the `blocked` dispatch's tile shrinks to the next power of two
+  >= batch * top-k / experts (capped by `moe_block_size`). Tiling never changes results, only the padding waste,
+  which at decode (batch * top-k rows against E * (block - 1) padding) would otherwise dominate."""
+  rows_per_expert = -(-batch * m.num_experts_per_tok // m.n_routed_experts)
+  block = min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length())
+  return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_block_size": block})
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(m: ml_collections.FrozenConfigDict, max_new: int, cache_dtype: str, pad_id: int):
+  """The jitted program for one model config and max_new_tokens (jit then caches per input shape)."""
+  return jax.jit(functools.partial(_program, m=m, max_new=max_new, cache_dtype=cache_dtype, pad_id=pad_id))
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shardings(m: ml_collections.FrozenConfigDict, mesh, rules) -> dict:
+  """NamedShardings of the LM's `params` / `moe_state` under `rules` (from the logical names, via eval_shape)."""
+  model = K2LM(m)
+  x = jnp.zeros((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda k: model.init(k, x, x, x + 1), jax.random.key(0))
+  return nn.meta.unbox(tree_shardings(abstract, mesh, rules))
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def _normalise_prompts(prompts, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+  """list of token lists | (tokens [B, L] right-padded, lengths [B]) -> (tokens, lengths) as numpy."""
+  if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+    tokens, lengths = np.asarray(prompts[0], np.int64), np.asarray(prompts[1], np.int64)
+    if lengths.shape != (tokens.shape[0],):
+      raise ValueError(f"prompt lengths have shape {lengths.shape}; pass one length per row of the "
+                       f"{tokens.shape} token array")
+    if np.any(lengths > tokens.shape[1]):
+      raise ValueError(f"prompt lengths {lengths.tolist()} exceed the token array width {tokens.shape[1]}")
+  elif isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+    rows = [np.asarray(r, np.int64).reshape(-1) for r in prompts]
+    lengths = np.array([len(r) for r in rows], np.int64)
+    tokens = np.zeros((len(rows), max(lengths, default=0)), np.int64)
+    for i, r in enumerate(rows):
+      tokens[i, :len(r)] = r
+  else:
+    raise TypeError(f"prompts of type {type(prompts).__name__}: pass a list of token-id lists or a tuple "
+                    "(tokens [B, L] right-padded, lengths [B])")
+  if tokens.shape[0] == 0:
+    raise ValueError("no prompts given; pass at least one token list")
+  if np.any(lengths < 1):
+    raise ValueError(f"prompt(s) {np.flatnonzero(lengths < 1).tolist()} are empty; every prompt needs >= 1 "
+                     "token (e.g. a BOS token)")
+  in_prompt = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  bad = in_prompt & ((tokens < 0) | (tokens >= vocab))
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(f"prompt {row} token {col} has id {tokens[row, col]} outside the vocabulary [0, {vocab})")
+  return tokens.astype(np.int32), lengths.astype(np.int32)
+
+
+def bucket_length(length: int, min_bucket: int) -> int:
+  """The prompt bucket: the next power of two >= max(length, min_bucket)."""
+  return 1 << (max(int(length), int(min_bucket)) - 1).bit_length()
+
+
+def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDict, prompts, *,
+             max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             greedy: bool = False, stop_tokens: Sequence[int] = (), input_embeds: jax.Array | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+  """Samples continuations of a batch of prompts with the MLA latent cache (DESIGN "generation").
+
+  params / moe_state: the LM's collections (K25Model: `params["language_model"]`, `moe_state["language_model"]`).
+  prompts: a list of token-id lists, or `(tokens [B, L] right-padded, lengths [B])`. input_embeds: optional
+  precomputed prompt embeddings [B, L', D] laid out like the right-padded tokens (row b's first len_b rows),
+  e.g. K25Model text embeddings with vision tokens scattered in, so the vision path runs once before prefill;
+  generated tokens are embedded by the LM. mesh: defaults to `make_mesh(config)`; the batch (padded to a
+  multiple of the data axes with dummy rows) and cache are split over `("data", "fsdp", "expert")`.
+
+  Returns numpy arrays: `tokens` [B, max_new_tokens] (pad_id after a sequence ends), `logprobs` [B, max_new]
+  (log-softmax of the raw model at temperature 1, whatever the sampling settings; 0 after the end), `lengths` [B]
+  (generated tokens, a stop token included). A sequence ends at its first stop token or after max_new_tokens.
+  """
+  validate(config)
+  scfg = sample_cfg.resolve(config)
+  m = freeze(config.model)
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if not greedy and not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0 for sampling; pass greedy=True for argmax decoding")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must lie in (0, 1]; 1 turns nucleus filtering off")
+  if int(top_k) < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0; 0 turns top-k filtering off")
+  stop = np.asarray(list(stop_tokens), np.int64).reshape(-1)
+  if np.any((stop < 0) | (stop >= m.vocab_size)):
+    raise ValueError(f"stop_tokens {stop.tolist()} must be token ids in [0, {m.vocab_size})")
+  # Padded with -1 (matches nothing) to a multiple of 8, so the stop count rarely changes the compiled shape.
+  stop = np.pad(stop, (0, max(8, -(-len(stop) // 8) * 8) - len(stop)), constant_values=-1).astype(np.int32)
+  tokens, lengths = _normalise_prompts(prompts, m.vocab_size)
+  b, p = tokens.shape[0], bucket_length(tokens.shape[1], scfg.min_prompt_bucket)
+  if p + max_new_tokens > m.max_position_embeddings:
+    raise ValueError(f"prompt bucket {p} + max_new_tokens {max_new_tokens} exceeds model.max_position_embeddings="
+                     f"{m.max_position_embeddings}; shorten the prompts or generate fewer tokens")
+
+  mesh = make_mesh(config) if mesh is None else mesh
+  rules = get_rules(config)
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  rows = -(-b // shards) * shards
+  tok_pad = np.full((rows, p), scfg.pad_id, np.int32)
+  tok_pad[:b, :tokens.shape[1]] = tokens
+  len_pad = np.ones((rows,), np.int32)
+  len_pad[:b] = lengths
+  embeds = None
+  if input_embeds is not None:
+    e = jnp.asarray(input_embeds)
+    if e.ndim != 3 or e.shape[0] != b or e.shape[1] < tokens.shape[1] or e.shape[2] != m.hidden_size:
+      raise ValueError(f"input_embeds has shape {e.shape}; expected [{b}, >= {tokens.shape[1]}, "
+                       f"{m.hidden_size}] laid out like the right-padded prompts")
+    embeds = jnp.pad(e[:, :p], ((0, rows - b), (0, p - min(e.shape[1], p)), (0, 0)))
+    embeds = jax.device_put(embeds, batch_sharding(mesh, 3))
+
+  shardings = _variable_shardings(m, mesh, rules)
+  params = jax.device_put(params, shardings["params"])
+  moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
+  fn = _compiled(m, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out_tok, out_lp, n_gen = fn(
+        params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
+        jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, jnp.float32(temperature),
+        jnp.int32(top_k), jnp.float32(top_p), jnp.bool_(greedy), jnp.asarray(stop))
+  out_tok, out_lp, n_gen = multihost_utils.process_allgather((out_tok, out_lp, n_gen), tiled=True)
+  return dict(tokens=np.asarray(out_tok)[:b], logprobs=np.asarray(out_lp)[:b], lengths=np.asarray(n_gen)[:b])
+
+
+__all__ = ["bucket_length", "embed", "filter_logits", "forward_with_cache", "generate", "logits_from_hidden",
+           "sample_tokens"]

@@ -1,0 +1,206 @@
+"""Sampling engine with MLA's latent cache (k25jax.sample), checked against the model's own full forward."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k25jax.configs import ConfigError, get_config
+from k25jax.configs.sample import sample_config
+from k25jax.model import K2LM, text_inputs
+from k25jax.sample import engine, filter_logits, forward_with_cache, generate, init_cache, logits_from_hidden
+from k25jax.sample.cache import slot_segments_and_positions
+from k25jax.sharding import get_rules, init_sharded, make_mesh
+
+PROMPTS = [[5, 17, 301], [9, 2, 44, 101, 7, 260, 33], [480], [12, 12, 99, 3, 450]]
+MAX_NEW = 8
+REF_LEN = 24          # fixed width of the recompute reference, so it compiles once
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = get_config("tiny")
+  config.model.initializer_range = 0.15      # peaked logits: random-init near-ties would make argmax fragile
+  mesh, rules = make_mesh(config), get_rules(config)
+  x = text_inputs(1, 8)
+  model = K2LM(config.model)
+  variables, _ = init_sharded(model.init, mesh, rules, jax.random.key(0), x["tokens"], x["positions"],
+                              x["segment_ids"])
+  bias = variables["moe_state"]["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]
+  variables["moe_state"]["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"] = (
+      0.05 * jax.random.normal(jax.random.key(1), bias.shape))
+  return config, mesh, model, variables["params"], variables["moe_state"]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(setup):
+  """Full forward (model.apply) on one right-padded row of REF_LEN tokens -> log-softmax [REF_LEN, V]."""
+  _, _, model, params, state = setup
+  params, state = jax.device_get((params, state))
+
+  @jax.jit
+  def run(tokens, length):
+    pos = jnp.arange(REF_LEN, dtype=jnp.int32)[None]
+    seg = (pos < length).astype(jnp.int32)
+    logits, _ = model.apply({"params": params, "moe_state": state}, tokens[None], pos, seg)
+    return jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+
+  def call(seq):
+    row = np.zeros((REF_LEN,), np.int32)
+    row[:len(seq)] = seq
+    return np.asarray(run(jnp.asarray(row), len(seq)))
+
+  return call
+
+
+def recompute_greedy(reference_logits, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(np.argmax(reference_logits(seq)[len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def greedy_out(setup):
+  config, mesh, _, params, state = setup
+  return generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+                  mesh=mesh)
+
+
+def test_absorbed_cache_forward_equals_model_forward(setup):
+  """Prefill through the latent cache in absorbed form gives the model's own (expanded MLA) logits."""
+  config, _, model, params, state = setup
+  params, state = jax.device_get((params, state))
+  m = config.model
+  lengths = jnp.array([6, 3], jnp.int32)
+  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, m.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  seg = (pos < lengths[:, None]).astype(jnp.int32)
+  want, _ = model.apply({"params": params, "moe_state": state}, tokens, pos, seg)
+  # A left-padded layout of the same rows, as the engine uses (prompt ends at slot P - 1).
+  kv_seg, kv_pos = slot_segments_and_positions(lengths, 8, 8)
+  left = jnp.stack([jnp.roll(tokens[i], 8 - int(lengths[i])) for i in range(2)])
+  x = model.apply({"params": params}, left, method=K2LM.embed)
+  h, cache = forward_with_cache(params, state, m, x, init_cache(m, 2, 8), 0, kv_pos, kv_seg, kv_seg, kv_pos)
+  got = logits_from_hidden(params, m, h)
+  for i in range(2):
+    n = int(lengths[i])
+    np.testing.assert_allclose(got[i, 8 - n:], want[i, :n], rtol=1e-4, atol=1e-4)
+  assert cache.shape == (m.num_hidden_layers, 2, 8, m.kv_lora_rank + m.qk_rope_head_dim)
+
+
+def test_greedy_with_cache_equals_recompute(setup, greedy_out, reference_logits):
+  assert greedy_out["tokens"].shape == (len(PROMPTS), MAX_NEW)
+  np.testing.assert_array_equal(greedy_out["lengths"], MAX_NEW)
+  for i, prompt in enumerate(PROMPTS):
+    assert greedy_out["tokens"][i].tolist() == recompute_greedy(reference_logits, prompt, MAX_NEW), i
+
+
+def test_logprobs_equal_teacher_forced_forward(setup, reference_logits):
+  config, mesh, _, params, state = setup
+  out = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(7), temperature=1.5,
+                 top_p=0.95, mesh=mesh)
+  for i, prompt in enumerate(PROMPTS):
+    gen = out["tokens"][i].tolist()
+    lp = reference_logits(prompt + gen)
+    want = [lp[len(prompt) - 1 + t, tok] for t, tok in enumerate(gen)]
+    np.testing.assert_allclose(out["logprobs"][i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_alone_equals_prompt_in_batch_of_longer_prompts(setup, greedy_out):
+  config, mesh, _, params, state = setup
+  long = [[int(t) for t in np.arange(20) * 7 % 500 + 1], list(range(30, 55))]       # bucket 32, not 16
+  batched = generate(params, state, config, long + [PROMPTS[0]], max_new_tokens=MAX_NEW, rng=jax.random.key(0),
+                     greedy=True, mesh=mesh)
+  np.testing.assert_array_equal(batched["tokens"][2], greedy_out["tokens"][0])
+  np.testing.assert_allclose(batched["logprobs"][2], greedy_out["logprobs"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_stop_tokens_end_sequences(setup, greedy_out):
+  config, mesh, _, params, state = setup
+  stop = int(greedy_out["tokens"][0, 2])
+  out = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+                 stop_tokens=(stop,), mesh=mesh)
+  for i in range(len(PROMPTS)):
+    full = greedy_out["tokens"][i].tolist()
+    n = full.index(stop) + 1 if stop in full else MAX_NEW
+    assert out["lengths"][i] == n, i
+    assert out["tokens"][i, :n].tolist() == full[:n]
+    assert np.all(out["tokens"][i, n:] == 0) and np.all(out["logprobs"][i, n:] == 0)
+  assert out["lengths"][0] == 3
+
+
+def test_top_k_one_equals_greedy_and_sampling_is_reproducible(setup, greedy_out):
+  config, mesh, _, params, state = setup
+  kw = dict(max_new_tokens=MAX_NEW, mesh=mesh)
+  top1 = generate(params, state, config, PROMPTS, rng=jax.random.key(5), top_k=1, temperature=3.0, **kw)
+  np.testing.assert_array_equal(top1["tokens"], greedy_out["tokens"])
+  np.testing.assert_allclose(top1["logprobs"], greedy_out["logprobs"], rtol=1e-5)
+  a = generate(params, state, config, PROMPTS, rng=jax.random.key(11), temperature=2.0, **kw)
+  b = generate(params, state, config, PROMPTS, rng=jax.random.key(11), temperature=2.0, **kw)
+  c = generate(params, state, config, PROMPTS, rng=jax.random.key(12), temperature=2.0, **kw)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert not np.array_equal(a["tokens"], c["tokens"])
+
+
+def test_one_device_and_eight_devices_agree(setup, greedy_out):
+  """Same greedy tokens, and the same samples for a fixed key (per-row keys ignore batch padding/sharding)."""
+  config, mesh8, _, params, state = setup
+  assert mesh8.size == 8
+  mesh1 = make_mesh(config, jax.devices()[:1])
+  one = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+                 mesh=mesh1)
+  np.testing.assert_array_equal(one["tokens"], greedy_out["tokens"])
+  np.testing.assert_allclose(one["logprobs"], greedy_out["logprobs"], rtol=1e-4, atol=1e-5)
+  s1 = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(11), temperature=2.0,
+                mesh=mesh1)
+  s8 = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(11), temperature=2.0,
+                mesh=mesh8)
+  np.testing.assert_array_equal(s1["tokens"], s8["tokens"])
+
+
+def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
+  config, mesh, model, params, state = setup
+  tokens = np.zeros((len(PROMPTS), 7), np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in PROMPTS])
+  embeds = model.apply({"params": jax.device_get(params)}, jnp.asarray(tokens), method=K2LM.embed)
+  out = generate(params, state, config, (tokens, lengths), max_new_tokens=MAX_NEW, rng=jax.random.key(0),
+                 greedy=True, input_embeds=embeds, mesh=mesh)
+  np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
+
+
+def test_filter_logits_matches_numpy_top_k_top_p():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 20)).astype(np.float32) * 2
+  for k, p, temp in ((0, 0.6, 1.0), (5, 1.0, 0.7), (4, 0.5, 1.3), (0, 1.0, 1.0)):
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(temp), jnp.int32(k),
+                                               jnp.float32(p))))
+    for row, got_row in zip(logits / temp, got):
+      order = np.argsort(-row)
+      keep = order[:k] if k else order
+      probs = np.exp(row[keep] - row[keep].max())
+      probs /= probs.sum()
+      n = len(keep) if p >= 1 else int(np.searchsorted(np.cumsum(probs), p) + 1)
+      assert set(np.flatnonzero(got_row)) == set(keep[:n].tolist()), (k, p)
+
+
+def test_bad_inputs_raise_clear_errors(setup):
+  config, mesh, _, params, state = setup
+  kw = dict(max_new_tokens=2, rng=jax.random.key(0), mesh=mesh)
+  with pytest.raises(ValueError, match="empty"):
+    generate(params, state, config, [[1, 2], []], **kw)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    generate(params, state, config, [[1, config.model.vocab_size]], **kw)
+  with pytest.raises(ValueError, match="greedy=True"):
+    generate(params, state, config, [[1, 2]], temperature=0.0, **kw)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate(params, state, config, [[1, 2]], **{**kw, "max_new_tokens": 0})
+  bad = get_config("tiny")
+  bad.sample = sample_config()
+  bad.sample.pad_id = bad.model.vocab_size
+  with pytest.raises(ConfigError, match="sample.pad_id"):
+    generate(params, state, bad, [[1, 2]], **kw)
+  assert engine.bucket_length(17, 16) == 32 and engine.bucket_length(3, 16) == 16

@@ -71,7 +71,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh, tx: optax.GradientT
     moe_state = state["moe_state"]
     if "expert_load" in aux:
       moe_state = jax.tree.map(lambda b: update_correction_bias(b, aux["expert_load"], speed), moe_state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), max_logit=jnp.max(aux["max_logits"]))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), max_logit=jnp.max(aux["max_logits"]))
     return {"params": params, "moe_state": moe_state, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   batch_sh = shd.batch_sharding(mesh, 2)

@@ -19,7 +19,7 @@ data: $(STAMP)
 	$(BIN)/python -m k25jax.data.prepare
 
 demo: $(STAMP) data
-	$(BIN)/python -m k25jax.train.demo
+	$(BIN)/python -m experiments.early_fusion --workdir out/early_fusion
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -n 2 --dist loadfile

@@ -17,6 +17,7 @@ import ml_collections
 from k25jax.configs import data as data_presets
 from k25jax.configs import optim as optim_presets
 from k25jax.configs import sample as sample_presets
+from k25jax.configs import train as trainer_presets
 from k25jax.configs import vision as vision_presets
 
 PRESETS = ("tiny", "small", "k25_full")
@@ -110,4 +111,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = data_presets.data_config(name)
   config.optim = optim_presets.optim_config(name)
   config.sample = sample_presets.sample_config()
+  config.trainer = trainer_presets.trainer_config(name)
   return config

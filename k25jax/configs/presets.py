@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.preset = name
   config.seed = 0
+  config.dep = False   # DEP, the decoupled encoder process (digest §7; `k25jax.train.dep`)
   config.model = model_config(name)
   config.mesh = mesh_config()
   config.train = train_config(name)

@@ -88,6 +88,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     validate_optim(config.optim)
   validate_model(config.model, config.mesh)
   v = config.model.vision
+  _check(not config.get("dep", False) or v.enabled,
+         "config.dep=True needs the multimodal model (model.vision.enabled=True); text-only runs have no encoder "
+         "to decouple: set --config.dep=False")
   if v.enabled:
     validate_vision(v)
     t = int(config.mesh.tensor)

@@ -41,6 +41,7 @@ from k25jax.data.tokenizer import ByteTokenizer
 from k25jax.train.checkpoint import Checkpointer, config_json
 from k25jax.train.metrics import MetricsWriter, Progress, to_scalars
 from k25jax.train.state import abstract_state, build_model, init_state, is_multimodal
+from k25jax.train.dep import make_dep_train_step
 from k25jax.train.step import make_eval_step, make_train_step
 
 
@@ -95,7 +96,8 @@ class Trainer:
     self.model = build_model(self.config)
     self.abstract, self.shardings, self.tx = abstract_state(self.config, self.mesh, self.model)
     pad = int(self.tokenizer.media_pad_id)
-    self.train_step = make_train_step(self.config, self.mesh, self.model, self.tx, self.shardings, media_pad_id=pad)
+    make = make_dep_train_step if self.config.dep else make_train_step   # DEP: the three-phase step (digest §7)
+    self.train_step = make(self.config, self.mesh, self.model, self.tx, self.shardings, media_pad_id=pad)
     self.eval_step = make_eval_step(self.config, self.mesh, self.model, self.shardings, media_pad_id=pad)
     self.spec = PackSpec(batch_size=int(self.config.train.batch_size), seq_len=int(self.config.train.seq_len),
                          patch_budget=int(self.config.data.patch_budget), max_items=int(self.config.data.max_items),

@@ -111,23 +111,17 @@ def step_metrics(loss, metrics: dict, aux: dict, grads: Any, batch: dict, *, med
   return out
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh, model: nn.Module, tx: optax.GradientTransformation,
-                    state_shardings: Any, *, media_pad_id: int) -> Callable:
-  """step(state, global_batch) -> (state, metrics), jitted with the mesh's shardings and a donated state.
-
-  The batch is the `k25jax.data.pipeline.to_global_batch` dict (token rows + packed media). The update is skipped
-  (old state kept) when the loss or gradient norm is non-finite.
-  """
-  rules = shd.get_rules(config)
-  loss_fn = make_loss_fn(config, model, media_pad_id)
+def make_update(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, *, media_pad_id: int
+                ) -> Callable:
+  """update(state, grads, loss, metrics, aux, batch) -> (state, metrics): the part of a step after the gradients
+  (shared by the integrated and the DEP step): optimizer update, QK-Clip from the step's max logits (digest §8),
+  the MoE correction-bias update (sign rule, outside the gradient), and the non-finite guard that keeps the old
+  state when the loss or the gradient norm is not finite."""
   clip = make_qk_clip(config)
   tau = qk_tau(config)
   speed = float(config.model.bias_update_speed)
 
-  def step(state, batch):
-    with nn.logical_axis_rules(rules):
-      (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"], state["moe_state"], batch)
+  def update(state, grads, loss, metrics, aux, batch):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     out = step_metrics(loss, metrics, aux, grads, batch, media_pad_id=media_pad_id, tau=tau)
@@ -141,6 +135,26 @@ def make_train_step(config: ml_collections.ConfigDict, mesh, model: nn.Module, t
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
     out["finite"] = finite.astype(jnp.int32)
     return dict(kept, step=state["step"] + 1), out
+
+  return update
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh, model: nn.Module, tx: optax.GradientTransformation,
+                    state_shardings: Any, *, media_pad_id: int) -> Callable:
+  """step(state, global_batch) -> (state, metrics), jitted with the mesh's shardings and a donated state.
+
+  The batch is the `k25jax.data.pipeline.to_global_batch` dict (token rows + packed media). The update is skipped
+  (old state kept) when the loss or gradient norm is non-finite.
+  """
+  rules = shd.get_rules(config)
+  loss_fn = make_loss_fn(config, model, media_pad_id)
+  update = make_update(config, tx, media_pad_id=media_pad_id)
+
+  def step(state, batch):
+    with nn.logical_axis_rules(rules):
+      (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state["params"], state["moe_state"], batch)
+    return update(state, grads, loss, metrics, aux, batch)
 
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh)), out_shardings=(state_shardings, None),
                    donate_argnums=(0,))

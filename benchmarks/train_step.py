@@ -3,9 +3,10 @@
 python -m benchmarks.train_step --out out/train_step.json [--preset small] [--steps 8]
 
 Everything is measured in this one process: first the machine's matmul peak (jitted square `jax.lax.dot`, median
-of repeats, for the model's compute dtype), then a jitted, donated forward + backward + optimizer update of the
-preset (FLOPs from `k25jax.train.flops`), then each expert dispatch's forward + backward at (E=64, k=8) and
-(E=8, k=2). MFU = model FLOPs per second / measured peak.
+of repeats, for the model's compute dtype), then the trainer's jitted, donated step (forward, backward, MuonClip
+update, QK-Clip, MoE bias update) of the text-only LM and of the multimodal K25Model (FLOPs from
+`k25jax.train.flops`), then each expert dispatch's forward + backward at (E=64, k=8) and (E=8, k=2).
+MFU = model FLOPs per second / measured peak.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from k25jax import sharding as shd
 from k25jax.configs import get_config, validate
 from k25jax.model import moe as moe_lib
-from k25jax.train import flops, simple
+from k25jax.train import flops
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -44,46 +45,55 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / _median_time(f, a, b, repeats=repeats)
 
 
-def make_optimizer(config, optimizer: str, params):
-  import optax
-  if optimizer == "adamw":
-    return optax.chain(optax.clip_by_global_norm(config.train.grad_clip),
-                       optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay))
-  from k25jax.optim import make_optimizer as make_muonclip  # noqa: PLC0415
-  return make_muonclip(config, params)
-
-
-def bench_train_step(preset: str, steps: int, optimizer: str, overrides: dict) -> dict:
+def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num_patches: int, max_items: int,
+               overrides: dict) -> dict:
+  """The trainer's jitted, donated step (`k25jax.train.step`: forward, backward, optimizer update, QK-Clip, MoE
+  bias update) on packed synthetic batches. Text-only: the K2LM with no media. Multimodal: K25Model (MoonViT-3D +
+  projector + LM) with `max_items` media items packed in `num_patches` patches; FLOPs = LM FLOPs per token x
+  tokens + the vision path's FLOPs (`k25jax.train.flops`)."""
+  from k25jax.data.pipeline import to_global_batch  # noqa: PLC0415
+  from k25jax.data.tokenizer import ByteTokenizer  # noqa: PLC0415
+  from k25jax.train import dep, state as state_lib, step as step_lib  # noqa: PLC0415
   config = get_config(preset)
+  config.model.vision.enabled = multimodal
+  config.trainer.optimizer = optimizer
   for key, value in overrides.items():
     group, name = key.split(".")
     config[group][name] = value
   validate(config)
   mesh = shd.make_mesh(config)
-  m = config.model
+  pad = ByteTokenizer().media_pad_id
+  state, shardings, tx = state_lib.init_state(config, mesh)
+  step = step_lib.make_train_step(config, mesh, state_lib.build_model(config), tx, shardings, media_pad_id=pad)
+  m, v = config.model, config.model.vision
   b, l = config.train.batch_size, config.train.seq_len
-  tx = make_optimizer(config, optimizer, simple.abstract_params(config))
-  state, shardings = simple.init_state(config, mesh, tx, config.seed)
-  step = simple.make_train_step(config, mesh, tx, shardings)
   rng = np.random.default_rng(0)
-  batches = [shd.global_batch(simple.synthetic_batch(rng, b, l, m.vocab_size), mesh) for _ in range(steps + 2)]
+  host = [dep.synthetic_batch(rng, batch_size=b, seq_len=l, num_patches=num_patches,
+                              max_items=max_items if multimodal else 0, vocab_size=m.vocab_size, media_pad_id=pad,
+                              patch_dim=v.in_channels * v.patch_size ** 2) for _ in range(steps + 2)]
+  batches = [to_global_batch(h, mesh) for h in host]
   t0 = time.perf_counter()
   state, metrics = step(state, batches[0])
   jax.block_until_ready(metrics["loss"])
   compile_s = time.perf_counter() - t0
-  state, metrics = step(state, batches[1])
-  jax.block_until_ready(metrics["loss"])
   times = []
-  for batch in batches[2:]:
+  for batch in batches[1:]:
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
-  fpt = flops.train_flops_per_token(m, l)
-  return dict(preset=preset, optimizer=optimizer, dtype=m.dtype, moe_dispatch=moe_lib.resolve_dispatch(m.moe_dispatch),
-              batch=b, seq_len=l, step_s=step_s, compile_s=compile_s, tokens_per_s=b * l / step_s,
-              flops_per_token=fpt, model_flops_per_s=fpt * b * l / step_s, final_loss=float(metrics["loss"]))
+  step_s = statistics.median(times[1:])
+  step_flops = flops.train_flops_per_token(m, l) * b * l
+  out = dict(model="K25Model" if multimodal else "K2LM", optimizer=optimizer, dtype=m.dtype,
+             moe_dispatch=moe_lib.resolve_dispatch(m.moe_dispatch), batch=b, seq_len=l, step_s=step_s,
+             compile_s=compile_s, tokens_per_s=b * l / step_s, final_loss=float(metrics["loss"]))
+  if multimodal:
+    grids = host[0]["item_grid"][host[0]["item_valid"].astype(bool)]
+    item_patches, item_tokens = grids.prod(-1), (grids[:, 1] // 2) * (grids[:, 2] // 2)
+    step_flops += flops.vision_train_flops(v, m.hidden_size, item_patches, item_tokens)
+    out.update(items=int(len(grids)), patches=int(item_patches.sum()), vision_tokens=int(item_tokens.sum()))
+  out.update(model_flops_per_step=step_flops, model_flops_per_s=step_flops / step_s)
+  return out
 
 
 def bench_dispatch(e: int, k: int, tokens: int, d: int, f: int, repeats: int) -> dict[str, float]:
@@ -116,6 +126,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--optimizer", default="muonclip", choices=("muonclip", "adamw"))
   parser.add_argument("--dispatch_tokens", type=int, default=2048)
+  parser.add_argument("--patches", type=int, default=512, help="patch budget of the multimodal batch")
+  parser.add_argument("--items", type=int, default=16, help="media item slots of the multimodal batch")
   parser.add_argument("--set", action="append", default=[], help="group.field=value override, e.g. train.batch_size=16")
   args = parser.parse_args()
   overrides = {}
@@ -124,7 +136,10 @@ def main() -> None:
     overrides[key] = type(get_config(args.preset)[key.split(".")[0]][key.split(".")[1]])(value)
   dtype = get_config(args.preset).model.dtype
   peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
-  train = bench_train_step(args.preset, args.steps, args.optimizer, overrides)
+  kw = dict(optimizer=args.optimizer, num_patches=args.patches, max_items=args.items, overrides=overrides)
+  train = bench_step(args.preset, args.steps, multimodal=False, **kw)
+  multimodal = bench_step(args.preset, args.steps, multimodal=True, **kw)
+  multimodal["mfu"] = multimodal["model_flops_per_s"] / peak[dtype]
   dispatch = {
       "E64_k8": bench_dispatch(64, 8, args.dispatch_tokens, 256, 128, repeats=3),
       "E8_k2": bench_dispatch(8, 2, args.dispatch_tokens, 256, 128, repeats=3),
@@ -135,7 +150,7 @@ def main() -> None:
       device=jax.devices()[0].device_kind, device_count=jax.device_count(), cpu_count=os.cpu_count(),
       peak_flops=peak[dtype], peak_flops_by_dtype=peak, **train,
       mfu=train["model_flops_per_s"] / peak[dtype],
-      dispatch=dispatch, default_cpu_dispatch=default,
+      multimodal=multimodal, dispatch=dispatch, default_cpu_dispatch=default,
       default_speedup_vs_slowest_E64=max(e64.values()) / e64[default],
       notes="dispatch: seconds per forward+backward call; 'ep' runs on a mesh whose expert axis spans the "
             f"{jax.device_count()} local device(s)")
@@ -144,6 +159,8 @@ def main() -> None:
     json.dump(result, fh, indent=2)
   print(f"peak {peak[dtype] / 1e9:.0f} GFLOP/s ({dtype})  {train['tokens_per_s']:.0f} tok/s  "
         f"MFU {result['mfu']:.3f}  step {train['step_s'] * 1e3:.0f} ms")
+  print(f"multimodal step: {multimodal['tokens_per_s']:.0f} tok/s  MFU {multimodal['mfu']:.3f}  "
+        f"({multimodal['items']} items, {multimodal['patches']} patches)")
   for setting, times in dispatch.items():
     print(setting, "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
 

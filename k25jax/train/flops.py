@@ -35,3 +35,19 @@ def attention_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> flo
 
 def train_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
   return 3 * (2 * matmul_params_per_token(m) + attention_flops_per_token(m, seq_len))
+
+
+def vision_train_flops(v: ml_collections.ConfigDict, text_hidden: int, item_patches, item_tokens) -> float:
+  """Model FLOPs of one training step of MoonViT-3D + projector (digest §1.3) on the given media items.
+
+  Forward: 2 x matmul parameters per patch (patch embedding, per layer wqkv/wo/fc0/fc1), attention within each
+  item (2 x 2 x D x n_i per patch, QK^T and AV over the item's n_i patches: packing masks the rest), and the
+  projector (4D -> 4D -> text width) per merged token; training = 3 x forward.
+  """
+  d, i = v.hidden_size, v.intermediate_size
+  patch_dim = v.in_channels * v.patch_size ** 2
+  per_patch = 2 * (patch_dim * d + v.num_hidden_layers * (4 * d * d + 2 * d * i))
+  attn = v.num_hidden_layers * 4 * d * sum(int(n) ** 2 for n in item_patches)
+  merged = 4 * d
+  proj = 2 * (merged * merged + merged * text_hidden) * sum(int(t) for t in item_tokens)
+  return 3 * (per_patch * sum(int(n) for n in item_patches) + attn + proj)

@@ -299,7 +299,7 @@ def test_qk_clip_bounds_recomputed_max_logit(variant):
   s2 = np.asarray(aux2["max_logits"])
   s2_forced = float(aux2["mtp_max_logits"][head]) if mtp_on else float(s2[-1, head])
   np.testing.assert_allclose(s2_forced, tau, rtol=1e-5)
-  assert (s2 <= tau).all()
+  assert (s2 <= tau * (1 + 1e-6)).all()   # f32 rounding of the recomputed logits
   if mtp_on:
     assert (np.asarray(aux2["mtp_max_logits"]) <= tau * (1 + 1e-5)).all()
 

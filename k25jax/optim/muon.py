@@ -13,7 +13,17 @@ Routing (`muon_dimension_numbers`), by parameter path:
 Each *logical* matrix is orthogonalised on its own: scanned stacks (`dense_layers`, `moe_layers`, vision
 `blocks`) add a leading layer batch axis, routed experts `experts_*` [.., E, in, out] add an expert batch axis,
 the fused vision `wqkv` [.., D, 3, heads, hd] keeps q, k and v apart (the 3-axis is a batch axis), and the vision
-`wo` [.., heads, hd, D] reduces over (heads, hd). Batch axes are vmapped by optax, never folded into a matrix.
+`wo` [.., heads, hd, D] reduces over (heads, hd). Batch axes are never folded into a matrix.
+
+Sharding (`orthogonalize`): Newton-Schulz needs each matrix whole, but a parameter is FSDP-sharded on its matrix
+dimensions. optax's Muon vmaps over the sharded layout, so XLA computed X X^T for every stacked matrix at once with
+the contraction dimension sharded: for `k25_full` the routed experts alone made [60*384, 2048, 2048] f32 partial
+products, ~386 GB per device (launch/README.md). Here the stack of matrices is instead laid out as one batch axis,
+spread over every device of the context mesh (padded with zero matrices to a multiple of the device count), so each
+device orthogonalises whole matrices of its own (an all-to-all in, an all-to-all out; routed experts stay in their
+`expert` group). Without a context mesh
+(`jax.set_mesh`) the stack is simply vmapped. The numerics are optax's `scale_by_muon` with Frobenius
+preconditioning and its default quintic coefficients.
 
 Weight decay (decoupled, `W <- W - lr * wd * W`) applies to every matrix and embedding table, Muon or AdamW, and
 skips norm gains and biases (`weight_decay_mask`).
@@ -21,13 +31,16 @@ skips norm gains and biases (`weight_decay_mask`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
-from optax.contrib import MuonDimensionNumbers
+from jax.sharding import PartitionSpec as P
+from optax.contrib import MuonDimensionNumbers, MuonState
 
 from k25jax.configs.optim import validate_optim
 from k25jax.configs.validate import ConfigError
@@ -37,6 +50,8 @@ from k25jax.optim.schedules import wsd_schedule
 SCANNED_SCOPES = frozenset({"dense_layers", "moe_layers", "blocks"})
 # Vector parameters: norm gains (RMSNorm `weight`, LayerNorm `scale`) and biases.
 VECTOR_NAMES = frozenset({"weight", "scale", "bias"})
+# Keller Jordan's quintic Newton-Schulz coefficients (optax's default `ns_coeffs`).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -96,21 +111,98 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, peak_lr: float, tot
   return wsd_schedule(peak_lr, total_steps, s.warmup_frac, s.decay_frac, s.final_frac, s.decay_shape)
 
 
+def newton_schulz(x: jax.Array, steps: int, eps: float = 1e-8) -> jax.Array:
+  """Approximate orthogonalisation U V^T of one matrix (Frobenius-normalised quintic iteration, as optax)."""
+  a, b, c = NS_COEFFS
+  tall = x.shape[0] > x.shape[1]
+  x = x.T if tall else x
+  x = x / (jnp.linalg.norm(x) + eps)
+  for _ in range(steps):
+    s = x @ x.T
+    x = a * x + (b * s + c * s @ s) @ x
+  return x.T if tall else x
+
+
+def _axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  return tuple(a % ndim for a in ((axes,) if isinstance(axes, int) else axes))
+
+
+def orthogonalize(x: jax.Array, dims: MuonDimensionNumbers, steps: int, eps: float = 1e-8) -> jax.Array:
+  """Newton-Schulz on every matrix of `x` (`dims`: reduction/output axes, the rest are batch axes), with the
+  matrices spread over the context mesh's devices (module doc, "Sharding").
+
+  Batch axes are flattened innermost first: a layer stack is the outermost axis and never sharded (`layers` ->
+  None), while the innermost may be sharded on `expert` (routed experts, `exp` in `k25jax.sharding.RULES`). That
+  axis stays a separate leading dimension on `expert` when it divides, and the matrices within each expert group
+  are spread over the other mesh axes: the layout change is then an all-to-all inside each group; a layout XLA
+  cannot map onto the parameter's shards makes it all-gather the whole stack (measured: terabytes per device).
+  """
+  red, out = _axes(dims.reduction_axis, x.ndim), _axes(dims.output_axis, x.ndim)
+  batch = tuple(a for a in reversed(range(x.ndim)) if a not in red + out)
+  perm = batch + red + out
+  shape = lambda axes: tuple(x.shape[a] for a in axes)
+  n, rows, cols = math.prod(shape(batch)), math.prod(shape(red)), math.prod(shape(out))
+  mesh = jax.sharding.get_abstract_mesh()
+  groups = dict(mesh.shape).get("expert", 1) if not mesh.empty else 1
+  groups = groups if batch and x.shape[batch[0]] % groups == 0 else 1
+  y = x.transpose(perm).reshape(groups, n // groups, rows, cols)
+  spread = not mesh.empty and mesh.size > 1
+  if spread:
+    lead = ("expert",) if groups > 1 else ()
+    rest = tuple(a for a in mesh.axis_names if a not in lead)
+    y = jnp.pad(y, ((0, 0), (0, -(n // groups) % (mesh.size // groups)), (0, 0), (0, 0)))  # zeros stay zero
+    y = jax.lax.with_sharding_constraint(y, P(lead or None, rest, None, None))
+  y = jax.vmap(jax.vmap(lambda m: newton_schulz(m, steps, eps)))(y)[:, :n // groups]
+  inverse = tuple(sorted(range(x.ndim), key=perm.__getitem__))
+  return y.reshape(shape(batch) + shape(red) + shape(out)).transpose(inverse)
+
+
+def scale_by_muon(steps: int, beta: float, nesterov: bool, consistent_rms: float, eps: float = 1e-8
+                  ) -> optax.GradientTransformation:
+  """optax's `contrib.scale_by_muon` + `scale_by_shape(consistent_rms)` (same state, `MuonState`) with the
+  sharding-aware `orthogonalize`. Leaves are the Muon subtree of `optax.partition` (others are `MaskedNode`s)."""
+
+  def init(params):
+    return MuonState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
+                     ns_coeffs=jnp.asarray(NS_COEFFS))
+
+  def update(updates, state, params=None):
+    del params
+    dims = muon_dimension_numbers(updates)
+    mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+    count = optax.safe_increment(state.count)
+    if nesterov:
+      mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                            optax.tree.bias_correction(updates, beta, count))
+    else:
+      mu_hat = optax.tree.bias_correction(mu, beta, count)
+
+    def one(x, d):
+      red, out = _axes(d.reduction_axis, x.ndim), _axes(d.output_axis, x.ndim)
+      fan_in, fan_out = math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
+      return orthogonalize(x, d, steps, eps) * (consistent_rms * math.sqrt(max(fan_in, fan_out)))
+
+    new = jax.tree.map(one, mu_hat, dims, is_leaf=lambda d: isinstance(d, MuonDimensionNumbers))
+    return new, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
   """MuonClip's update rule (digest §8, Algorithm 1 step 1) from `config.optim`, `config.train`.
 
   clip_by_global_norm(config.train.grad_clip) (skipped when <= 0), then
-  - Muon (`optax.contrib.muon`): Nesterov momentum, `ns_steps` quintic Newton-Schulz steps, update scaled by
-    `consistent_rms * sqrt(max(fan_in, fan_out))`, decoupled weight decay, on the matrices of
-    `muon_dimension_numbers`;
+  - Muon (`scale_by_muon`: optax's rule with the sharding-aware `orthogonalize`): Nesterov momentum, `ns_steps`
+    quintic Newton-Schulz steps, update scaled by `consistent_rms * sqrt(max(fan_in, fan_out))`, decoupled weight
+    decay, on the matrices of `muon_dimension_numbers`;
   - AdamW (b1, b2, eps of `config.optim`, decoupled weight decay masked by `weight_decay_mask`) on the rest.
   Both follow the WSD schedule over `config.train.steps`; AdamW uses `adam_learning_rate` when set.
   `optim.name="adamw"` gives AdamW on everything (ablations). QK-Clip (step 2) is `k25jax.optim.qk_clip`,
   applied by the train step after the update.
 
-  optax's own AdamW branch inside `contrib.muon` shares Muon's `nesterov` flag and cannot mask weight decay, so
-  the AdamW leaves are routed to a separate `optax.adamw` by `optax.partition`; `contrib.muon` only ever sees
-  Muon leaves.
+  The AdamW leaves are routed to `optax.adamw` (weight decay masked) by `optax.partition`; the Muon chain only
+  ever sees Muon leaves.
   """
   if "optim" not in config:
     raise ConfigError("config.optim is missing; attach one with "
@@ -125,9 +217,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
   if o.name == "adamw":
     tx = adamw(lr)
   else:
-    muon = optax.contrib.muon(
-        lr, ns_steps=int(o.ns_steps), beta=o.momentum, weight_decay=o.weight_decay, nesterov=bool(o.nesterov),
-        muon_weight_dimension_numbers=muon_dimension_numbers, consistent_rms=o.consistent_rms)
+    muon = optax.chain(scale_by_muon(int(o.ns_steps), o.momentum, bool(o.nesterov), o.consistent_rms),
+                       optax.add_decayed_weights(o.weight_decay), optax.scale_by_learning_rate(lr))
     tx = optax.partition({"muon": muon, "adam": adamw(adam_lr)}, optimizer_labels(params))
   clip = config.train.grad_clip
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx

@@ -127,3 +127,24 @@ def test_media_alignment_check_and_vision_counts():
   counts = count_vision_params(get_config("k25_full"))
   assert abs(counts["vision_params"] / 416.9e6 - 1) < 5e-3, counts
   assert abs(counts["projector_params"] / 54.3e6 - 1) < 5e-3, counts
+
+
+def test_host_boundary_padding_between_items(setup):
+  """A global batch concatenates each host's patch budget (items then padding): items after a gap must get the
+  same vision tokens as in a gap-free pack (positions and merges read item starts from the ids)."""
+  model, v, b = setup
+  enc = jax.jit(lambda v, p, ids, g, valid: model.apply(v, p, ids, g, valid, method=K25Model.encode_media))
+  ref, ref_valid = enc(v, b["patches"], b["patch_item_ids"], b["item_grid"], b["item_valid"])
+  ids = np.asarray(b["patch_item_ids"])
+  n0 = int((ids == 1).sum())                          # "host 0" holds item 1, then 6 padding patches
+  gap = 6
+  patches = np.asarray(b["patches"])
+  gapped = np.zeros_like(patches)
+  gapped_ids = np.zeros_like(ids)
+  gapped[:n0], gapped_ids[:n0] = patches[:n0], ids[:n0]
+  rest = int((ids > 1).sum())
+  gapped[n0 + gap:n0 + gap + rest] = patches[n0:n0 + rest]
+  gapped_ids[n0 + gap:n0 + gap + rest] = ids[n0:n0 + rest]
+  out, out_valid = enc(v, gapped, gapped_ids, b["item_grid"], b["item_valid"])
+  np.testing.assert_array_equal(out_valid, ref_valid)
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ import numpy as np
 from k25jax.configs.validate import ConfigError
 from k25jax.model.lm import K2LM
 from k25jax.model.projector import PatchMergerProjector
-from k25jax.model.vision import MoonViT3D
+from k25jax.model.vision import MoonViT3D, item_patch_starts
 
 
 def scatter_media(embeds: jax.Array, tokens: jax.Array, vision_tokens: jax.Array, vision_valid: jax.Array,
@@ -61,7 +61,8 @@ class K25Model(nn.Module):
                    item_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Vision path alone: packed patches -> (tokens [P // (kh*kw), hidden] in item order, valid [N])."""
     hidden = self.vision_tower(patches, patch_item_ids, item_grid)
-    return self.mm_projector(hidden, item_grid, item_valid)
+    starts = item_patch_starts(patch_item_ids, item_grid.shape[0])
+    return self.mm_projector(hidden, item_grid, item_valid, starts)
 
   def forward_with_vision_tokens(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                                  vision_tokens: jax.Array, vision_valid: jax.Array, *,

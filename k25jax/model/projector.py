@@ -27,18 +27,21 @@ def _part(init, names):
 
 
 def tpool_patch_merger(hidden: jax.Array, item_grid: jax.Array, item_valid: jax.Array,
-                       kernel: tuple[int, int], max_frames: int) -> tuple[jax.Array, jax.Array]:
+                       kernel: tuple[int, int], max_frames: int, patch_starts: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
   """Spatial kh x kw merge with temporal mean over each chunk's frames (digest §1.3 step 5).
 
   hidden [P, D] (tower output, packing contract of `k25jax.model.vision`), item_grid [M, 3], item_valid [M];
-  `max_frames` is the static bound on t. Returns (merged [P // (kh*kw), kh*kw, D] in f32, valid [N] bool).
+  `max_frames` is the static bound on t; `patch_starts` [M] is each item's first patch
+  (`vision.item_patch_starts`; default: items packed gap-free from 0). Returns (merged [P // (kh*kw), kh*kw, D]
+  in f32, valid [N] bool).
   """
   kh, kw = kernel
   p, d = hidden.shape
   n = p // (kh * kw)
   grid = jnp.where(jnp.asarray(item_valid)[:, None], jnp.asarray(item_grid, jnp.int32), 0)
   t, h, w = grid[:, 0], grid[:, 1], grid[:, 2]
-  patch_start = jnp.cumsum(t * h * w) - t * h * w
+  patch_start = jnp.cumsum(t * h * w) - t * h * w if patch_starts is None else jnp.asarray(patch_starts, jnp.int32)
   ntok = (h // kh) * (w // kw)
   tok_end = jnp.cumsum(ntok)
   slot = jnp.arange(n)
@@ -71,11 +74,12 @@ class PatchMergerProjector(nn.Module):
   out_features: int
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, item_grid: jax.Array, item_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, hidden: jax.Array, item_grid: jax.Array, item_valid: jax.Array,
+               patch_starts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     c = self.config
     kh, kw = (int(k) for k in c.merge_kernel_size)
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    merged, valid = tpool_patch_merger(hidden, item_grid, item_valid, (kh, kw), c.pos_emb_time)
+    merged, valid = tpool_patch_merger(hidden, item_grid, item_valid, (kh, kw), c.pos_emb_time, patch_starts)
     x = nn.LayerNorm(epsilon=c.projector_ln_eps, dtype=dt, param_dtype=pdt, name="pre_norm",
                      scale_init=_part(nn.initializers.ones, ("norm",)),
                      bias_init=_part(nn.initializers.zeros, ("norm",)))(merged)

@@ -90,15 +90,26 @@ def time_embedding_table(num_frames: int, dim: int) -> np.ndarray:
   return np.concatenate([np.zeros((1, dim), np.float32), table], axis=0).astype(np.float32)
 
 
+def item_patch_starts(patch_item_ids: jax.Array, num_items: int) -> jax.Array:
+  """First patch index of every item (ids 1..M, 0 = padding), read from the ids themselves.
+
+  A global batch concatenates every host's patch budget, each ending in padding, so items are contiguous and in
+  order but not gap-free: starts cannot be cumulative grid sizes. Items without patches get a start past the end.
+  """
+  ids = jnp.asarray(patch_item_ids, jnp.int32)
+  p = ids.shape[0]
+  idx = jnp.where(ids > 0, jnp.arange(p, dtype=jnp.int32), p)
+  return jnp.minimum(jax.ops.segment_min(idx, jnp.maximum(ids - 1, 0), num_segments=num_items), p)
+
+
 def patch_positions(patch_item_ids: jax.Array, item_grid: jax.Array) -> dict[str, jax.Array]:
   """Per-patch (item, frame, row, col) and its item's (t, h, w), derived on device (digest §1.3).
 
-  Assumes the packing contract of the module docstring (items contiguous in order from 0); padding patches get
-  zeros and a 1x1x1 grid so that nothing divides by zero.
+  Items are contiguous runs of patches in item order (padding may sit between them, e.g. at host boundaries);
+  padding patches get zeros and a 1x1x1 grid so that nothing divides by zero.
   """
   grid, patch_item_ids = jnp.asarray(item_grid, jnp.int32), jnp.asarray(patch_item_ids, jnp.int32)
-  sizes = grid[:, 0] * grid[:, 1] * grid[:, 2]
-  starts = jnp.cumsum(sizes) - sizes
+  starts = item_patch_starts(patch_item_ids, grid.shape[0])
   pad = patch_item_ids <= 0
   item = jnp.maximum(patch_item_ids - 1, 0)
   g = jnp.where(pad[:, None], 1, grid[item])

@@ -36,13 +36,12 @@ import numpy as np  # noqa: E402
 
 from k25jax import sharding as shd  # noqa: E402
 from k25jax.configs import get_config  # noqa: E402
-from k25jax.configs.train import with_trainer  # noqa: E402
 from k25jax.data.pipeline import to_global_batch  # noqa: E402
 from k25jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from k25jax.train import balance, dep  # noqa: E402
 from k25jax.train.simple import synthetic_batch as text_batch  # noqa: E402
 from k25jax.train.state import build_model, init_state  # noqa: E402
-from k25jax.train.step import make_train_step, mesh_context  # noqa: E402
+from k25jax.train.step import make_train_step  # noqa: E402
 
 
 def _time_steps(step, state, batch, steps: int) -> tuple[float, float, list[float], object]:
@@ -90,7 +89,7 @@ def main() -> None:
   ap.add_argument("--optimizer", default="adamw", choices=("adamw", "muonclip"))
   args = ap.parse_args()
 
-  config = with_trainer(get_config(args.preset))
+  config = get_config(args.preset)
   config.trainer.optimizer = args.optimizer
   pad = ByteTokenizer().media_pad_id
   mesh = shd.make_mesh(config)
@@ -124,7 +123,7 @@ def main() -> None:
       result["dep_budgets"] = dict(zip(("device_patch_budget", "device_max_items"), step.budgets))
     else:
       step = make_train_step(cfg, mesh, model, tx, shardings, media_pad_id=pad)
-      with mesh_context(cfg, mesh):
+      with jax.set_mesh(mesh):
         peak[name] = dep.memory_stats(step.jitted.lower(state, gb).compile())["peak"]
     first[name], seconds[name], losses[name], state = _time_steps(step, state, gb, args.steps)
     print(f"{name:>10}: {seconds[name]:.3f} s/step (first {first[name]:.1f} s), peak {peak[name] / 2**20:.1f} MiB",

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from k25jax.configs import get_config as preset_config
-from k25jax.configs.train import trainer_config, with_trainer
 from k25jax.data.mixture import TABLE1_ARMS
 from k25jax.evals import CATEGORIES
 
@@ -45,27 +44,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = preset_config("small")
     config.train.update(batch_size=8, seq_len=128, steps=60, learning_rate=3e-3, log_every=10)
     config.data.update(patch_budget=512, max_items=16, eval_batches=4)
-    config.trainer = trainer_config("small")
     config.trainer.checkpoint.every = 15
     config.trainer.eval.update(every=10, suite_n=16)
   elif name == "tiny":
     config = preset_config("tiny")
     config.train.update(batch_size=8, seq_len=128, steps=4, log_every=1)
     config.data.update(patch_budget=256, max_items=8, eval_batches=1)
-    config.trainer = trainer_config("tiny")
     config.trainer.checkpoint.every = 2
     config.trainer.eval.update(every=2, suite_n=2)
   elif name == "pod":
     config = preset_config("k25_full")
     config.train.update(seq_len=4096, steps=20000, log_every=10)
     config.mesh.update(data=-1, fsdp=16, expert=8, tensor=1)
-    config.trainer = trainer_config("k25_full")
-    config.trainer.optimizer = "muonclip"
     config.trainer.eval.update(every=1000, suite_n=256)
   else:
     raise ValueError(f"early_fusion: unknown config {name!r}; choose default, tiny or pod")
   config.experiment = ml_collections.ConfigDict(dict(arms=ARMS, seeds=(0,)))
-  return with_trainer(config)
+  return config
 
 
 def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ import ml_collections
 from k25jax import sharding as shd
 from k25jax.configs import PRESETS, ConfigError, get_config, validate
 from k25jax.configs.cli import set_field
-from k25jax.configs.train import validate_trainer, with_trainer
+from k25jax.configs.train import validate_trainer
 from k25jax.data.pipeline import batch_shardings
 from k25jax.train import state as state_lib
 from k25jax.train import step as step_lib
@@ -90,10 +90,10 @@ def topology_devices(name: str, chips_per_host: Sequence[int] = (2, 2, 1), num_s
 
 
 def prepare_config(config: ml_collections.ConfigDict, optimizer: str = "muonclip") -> ml_collections.ConfigDict:
-  """A copy with `config.trainer` and `config.optim` attached (the full trainer's), `trainer.optimizer` set."""
-  config = with_trainer(config)
+  """A copy with `trainer.optimizer` set."""
+  config = copy.deepcopy(config)
   config.trainer.optimizer = optimizer
-  return state_lib.optim_config(config)
+  return config
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:

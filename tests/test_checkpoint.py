@@ -12,7 +12,6 @@ import numpy as np
 
 from k25jax import sharding as shd
 from k25jax.configs import get_config
-from k25jax.configs.train import with_trainer
 from k25jax.data.pipeline import make_train_iterator
 from k25jax.data.tokenizer import ByteTokenizer
 from k25jax.train import state as st
@@ -23,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def text_config(steps=4, **mesh):
-  c = with_trainer(get_config("tiny"))
+  c = get_config("tiny")
   c.model.vision.enabled = False
   c.model.num_hidden_layers = 2
   c.train.update(batch_size=8, seq_len=32, steps=steps)
@@ -85,7 +84,7 @@ def test_keep_n_and_an_unfinished_save_never_hides_the_latest(tmp_path):
 
 
 def _loop_cmd(workdir, steps):
-  return [sys.executable, "-m", "k25jax.train.loop", "--config=k25jax/configs/train.py:tiny",
+  return [sys.executable, "-m", "k25jax.train.loop", "--config=k25jax/configs/presets.py:tiny",
           f"--workdir={workdir}", "--config.model.vision.enabled=False", "--config.model.num_hidden_layers=2",
           "--config.train.batch_size=8", "--config.train.seq_len=32", f"--config.train.steps={steps}",
           "--config.data.patch_budget=64", "--config.data.max_items=8", "--config.trainer.checkpoint.every=3",

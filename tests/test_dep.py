@@ -10,7 +10,6 @@ import pytest
 
 from k25jax import sharding as shd
 from k25jax.configs import get_config
-from k25jax.configs.train import with_trainer
 from k25jax.data.pipeline import to_global_batch
 from k25jax.data.tokenizer import ByteTokenizer
 from k25jax.train import balance, dep
@@ -99,7 +98,7 @@ def test_item_layout_rejects_broken_packing():
 
 
 def _config(mesh_shape):
-  cfg = with_trainer(get_config("tiny"))
+  cfg = get_config("tiny")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = mesh_shape
   cfg.model.num_hidden_layers = 2            # one dense + one MoE layer
   cfg.model.vision.num_hidden_layers = 1

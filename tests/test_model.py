@@ -1,11 +1,9 @@
 """Kimi K2 LM: MLA vs an independent reference, router invariants, dispatch equality, sharding, balancing."""
 
-import itertools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

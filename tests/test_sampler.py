@@ -1,6 +1,5 @@
 """Sampling engine with MLA's latent cache (k25jax.sample), checked against the model's own full forward."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -6,7 +6,6 @@ import pytest
 
 from k25jax import sharding as shd
 from k25jax.configs import ConfigError, get_config
-from k25jax.configs.train import with_trainer
 from k25jax.train import state as st
 from k25jax.train import step as sp
 from k25jax.train.loop import prepare_config
@@ -15,7 +14,7 @@ PAD = 7  # media_pad id for the step's token accounting (not in the synthetic da
 
 
 def text_config(optimizer="adamw", **mesh):
-  c = with_trainer(get_config("tiny"))
+  c = get_config("tiny")
   c.model.vision.enabled = False
   c.model.num_hidden_layers = 2
   c.train.batch_size, c.train.seq_len = 8, 16

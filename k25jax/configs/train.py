@@ -1,7 +1,7 @@
 """Trainer, checkpoint and evaluation fields of the pre-training loop (`config.trainer`).
 
-Digest §2.2 (joint pre-training with MuonClip; losses) and §8 (QK-Clip threshold). The lead wires
-`trainer_config(preset)` into the presets as `config.trainer`; until then `with_trainer(config)` attaches it.
+Digest §2.2 (joint pre-training with MuonClip; losses) and §8 (QK-Clip threshold). Every preset carries it
+(`k25jax.configs.presets.get_config`).
 
   optimizer        "muonclip" (k25jax.optim with `config.optim`: Muon + AdamW, WSD schedule, QK-Clip) or "adamw"
                    (optax.adamw at the constant `config.train.learning_rate`, weight decay and grad clip; no QK-Clip)
@@ -33,19 +33,6 @@ def trainer_config(name: str = "tiny") -> ml_collections.ConfigDict:
   ))
 
 
-def with_trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with `config.trainer` and `config.optim` (`k25jax.configs.optim`) attached when missing (a copy;
-  the input is not modified)."""
-  from k25jax.configs.optim import optim_config
-  config = ml_collections.ConfigDict(config.to_dict())
-  preset = config.get("preset", "tiny")
-  if "trainer" not in config:
-    config.trainer = trainer_config(preset)
-  if "optim" not in config:
-    config.optim = optim_config(preset)
-  return config
-
-
 def validate_trainer(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the `config.trainer` / `config.train` field and the fix."""
   from k25jax.configs.validate import ConfigError
@@ -69,9 +56,3 @@ def validate_trainer(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ConfigError(msg)
 
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """A preset with `config.trainer` attached, for `--config=k25jax/configs/train.py:tiny
-  --config.trainer.checkpoint.every=3` (until the presets carry `trainer` themselves)."""
-  from k25jax.configs.presets import get_config as preset_config
-  return with_trainer(preset_config(arg))

@@ -12,7 +12,7 @@ clipped (digest §8: not stated for K2.5).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -40,6 +40,7 @@ from k25jax.configs.validate import ConfigError
 from k25jax.data.pipeline import batch_shardings
 from k25jax.model.k25 import K25Model
 from k25jax.train import balance
+from k25jax.train import simple
 from k25jax.train.step import make_loss_fn, make_update
 
 VISION_KEYS = ("vision_tower", "mm_projector")
@@ -239,17 +240,13 @@ def synthetic_batch(rng: np.random.Generator, *, batch_size: int, seq_len: int, 
                     large_frac: float = 0.2, video_frac: float = 0.1) -> dict[str, np.ndarray]:
   """A packed multimodal batch with a skewed image-size distribution (tests and `benchmarks/dep.py`).
 
-  Text follows x_{t+1} = (5 x_t + 3) mod m (learnable); media items are placed in row-major order as runs of
+  Text is `k25jax.train.simple.synthetic_batch`'s learnable stream; media items are placed in row-major order as runs of
   (h/2)(w/2) media_pad tokens with their t*h*w patches packed in the same order (the packer's contract). Sides are
   even; most items are small (2..4 patches a side), `large_frac` are large (up to `max_side`), `video_frac` are
   2-frame chunks. Stops when rows, patches or item slots run out.
   """
-  m = min(vocab_size, 251)
-  seq = np.empty((batch_size, seq_len + 1), np.int64)
-  seq[:, 0] = rng.integers(0, m, size=batch_size)
-  for t in range(seq_len):
-    seq[:, t + 1] = (5 * seq[:, t] + 3) % m
-  tokens = seq[:, :-1].astype(np.int32)
+  text = simple.synthetic_batch(rng, batch_size, seq_len, vocab_size)
+  tokens = text["tokens"]
   patches = np.zeros((num_patches, patch_dim), np.float32)
   ids = np.zeros((num_patches,), np.int32)
   grid = np.zeros((max_items, 3), np.int32)
@@ -270,9 +267,8 @@ def synthetic_batch(rng: np.random.Generator, *, batch_size: int, seq_len: int, 
     grid[n] = (t, h, w)
     row_col = col + ntok + int(rng.integers(1, 8))
     col, p_off, n = row_col, p_off + npatch, n + 1
-  targets = np.concatenate([tokens[:, 1:], seq[:, -1:].astype(np.int32)], axis=1)
+  targets = np.concatenate([tokens[:, 1:], text["targets"][:, -1:]], axis=1)
   loss_mask = ((tokens != media_pad_id) & (targets != media_pad_id)).astype(np.float32)
-  return dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
-              positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-              segment_ids=np.ones((batch_size, seq_len), np.int32), patches=patches, patch_item_ids=ids,
-              item_grid=grid, item_valid=grid[:, 0] > 0)
+  return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, positions=text["positions"],
+              segment_ids=text["segment_ids"], patches=patches, patch_item_ids=ids, item_grid=grid,
+              item_valid=grid[:, 0] > 0)

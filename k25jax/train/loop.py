@@ -16,12 +16,13 @@ compile once; `Trainer.run(config, workdir)` trains one run and is resumable:
     log-probability of its tokens as the assistant answer; the highest wins). Generation-based scoring needs the
     sampler (`k25jax.sample`) and is not used here.
 
-Command line: `python -m k25jax.train.loop --config=k25jax/configs/train.py:tiny --workdir=DIR
+Command line: `python -m k25jax.train.loop --config=k25jax/configs/presets.py:tiny --workdir=DIR
 [--config.train.steps=50] [--config.trainer.checkpoint.every=10]`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import numpy as np
 
 from k25jax import sharding as shd
 from k25jax.configs import validate
-from k25jax.configs.train import validate_trainer, with_trainer
+from k25jax.configs.train import validate_trainer
 from k25jax.data import chat
 from k25jax.data.packing import PackSpec, pack
 from k25jax.data.pipeline import make_eval_iterator, make_train_iterator, to_global_batch
@@ -50,13 +51,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Attaches `config.trainer` if missing and validates everything; raises `ConfigError` before any compile."""
-  config = with_trainer(config)
+  """A copy of the config, validated: raises `ConfigError` before any compile."""
+  config = copy.deepcopy(config)
   validate(config)
   validate_trainer(config)
-  if is_multimodal(config):
-    from k25jax.configs.vision import validate_vision
-    validate_vision(config.model.vision)
   return config
 
 
@@ -309,6 +307,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from absl import app, flags
   from k25jax.configs import cli
-  cli.define_config_flag("k25jax/configs/train.py:tiny")
+  cli.define_config_flag("k25jax/configs/presets.py:tiny")
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, tb/).", required=True)
   app.run(main)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from k25jax import sharding as shd
 from k25jax.model import K2LM, text_inputs
@@ -33,18 +34,27 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
 
 def init_state(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation, seed: int = 0
                ) -> tuple[dict, Any]:
-  """(state, state_shardings) with params, moe_state, opt_state and step, each created on its shards."""
+  """(state, state_shardings) with params, moe_state, opt_state and step, each created on its shards; optimizer
+  moments take their parameter's sharding (`k25jax.train.state.opt_state_shardings`)."""
+  from k25jax.train.state import opt_state_shardings  # noqa: PLC0415 (state imports the model stack)
   model = K2LM(config.model)
   rules = shd.get_rules(config)
   x = text_inputs(1, 8)
+  boxed = jax.eval_shape(lambda k: model.init(k, x["tokens"], x["positions"], x["segment_ids"]), jax.random.key(0))
+  params = shd.unbox(boxed["params"])
+  param_sh = shd.unbox(shd.tree_shardings(boxed["params"], mesh, rules))
+  shardings = {"params": param_sh, "moe_state": shd.unbox(shd.tree_shardings(boxed["moe_state"], mesh, rules)),
+               "opt_state": opt_state_shardings(jax.eval_shape(tx.init, params), params, param_sh, mesh),
+               "step": NamedSharding(mesh, P())}
 
   def init(key):
-    variables = model.init(key, x["tokens"], x["positions"], x["segment_ids"])
-    params = shd.unbox(variables["params"])
-    return {"params": variables["params"], "moe_state": variables.get("moe_state", {}),
-            "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    variables = shd.unbox(model.init(key, x["tokens"], x["positions"], x["segment_ids"]))
+    return {"params": variables["params"], "moe_state": variables["moe_state"],
+            "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
 
-  return shd.init_sharded(init, mesh, rules, jax.random.key(seed))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  return state, shardings
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation,

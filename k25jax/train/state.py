@@ -18,7 +18,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from k25jax import sharding as shd
-from k25jax.configs.validate import ConfigError
 from k25jax.model import K2LM, text_inputs
 
 
@@ -45,20 +44,6 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, key: jax
   return model.init(key, x["tokens"], x["positions"], x["segment_ids"])
 
 
-def optim_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with `config.optim` attached when missing (from `k25jax.configs.optim`), as a copy."""
-  if "optim" in config:
-    return config
-  try:
-    from k25jax.configs.optim import optim_config as make
-  except ImportError as e:
-    raise ConfigError("trainer.optimizer='muonclip' needs k25jax/configs/optim.py (MuonClip), which is not "
-                      "importable; use --config.trainer.optimizer=adamw") from e
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.optim = make(config.get("preset", "tiny"))
-  return config
-
-
 def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
   """The optimizer: MuonClip from `k25jax.optim` (digest §8; WSD schedule and clipping inside), or AdamW.
 
@@ -67,7 +52,7 @@ def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTra
   """
   if config.trainer.optimizer == "muonclip":
     from k25jax.optim import make_optimizer
-    return make_optimizer(optim_config(config), params)
+    return make_optimizer(config, params)
   t = config.train
   return optax.chain(optax.clip_by_global_norm(t.grad_clip),
                      optax.adamw(t.learning_rate, b1=0.9, b2=0.95, weight_decay=t.weight_decay))

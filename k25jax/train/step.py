@@ -26,12 +26,6 @@ from k25jax.train.loss import cross_entropy
 from k25jax.train.state import is_multimodal
 
 
-def mesh_context(config: ml_collections.ConfigDict, mesh):
-  """The context a step is traced in: `jax.set_mesh(mesh)` (MoE `auto` dispatch reads the mesh to pick EP)."""
-  del config
-  return jax.set_mesh(mesh)
-
-
 def forward(config: ml_collections.ConfigDict, model: nn.Module, media_pad_id: int) -> Callable:
   """apply(params, moe_state, batch) -> (logits [B, L, V], aux) for K2LM or K25Model batches."""
 
@@ -82,9 +76,7 @@ def make_qk_clip(config: ml_collections.ConfigDict) -> Callable | None:
   if tau == float("inf"):
     return None
   from k25jax.optim import qk_clip
-  from k25jax.train.state import optim_config
-  cfg = optim_config(config)
-  return lambda params, aux: qk_clip(params, aux["max_logits"], cfg, tau=tau,
+  return lambda params, aux: qk_clip(params, aux["max_logits"], config, tau=tau,
                                      mtp_max_logits=aux.get("mtp_max_logits"))[0]
 
 
@@ -92,8 +84,7 @@ def qk_tau(config: ml_collections.ConfigDict) -> float:
   """The QK-Clip threshold tau (inf when clipping is off: AdamW runs or `optim.qk_clip_tau <= 0`)."""
   if config.trainer.optimizer != "muonclip":
     return float("inf")
-  from k25jax.train.state import optim_config
-  tau = float(optim_config(config).optim.qk_clip_tau)
+  tau = float(config.optim.qk_clip_tau)
   return tau if tau > 0 else float("inf")
 
 
@@ -160,7 +151,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh, model: nn.Module, t
                    donate_argnums=(0,))
 
   def run(state, batch):
-    with mesh_context(config, mesh):
+    with jax.set_mesh(mesh):
       return jitted(state, batch)
 
   run.jitted = jitted
@@ -189,7 +180,7 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh, model: nn.Module, st
                                            batch_shardings(mesh)))
 
   def run(params, moe_state, batch):
-    with mesh_context(config, mesh):
+    with jax.set_mesh(mesh):
       return jitted(params, moe_state, batch)
 
   return run

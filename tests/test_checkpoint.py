@@ -145,3 +145,44 @@ def test_sigterm_saves_and_exits_then_sigkill_and_resume_are_bit_exact(tmp_path)
   reference = [r["loss"] for r in read_metrics(os.path.join(ref_dir, "metrics.jsonl"))]
   assert len(resumed) == len(reference) == steps
   assert resumed == reference  # bit for bit
+
+
+def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+  from k25jax.train.loop import Trainer, TrainingDiverged
+  c = text_config(steps=10, data=-1)
+  c.trainer.checkpoint.update(every=2, async_save=False)
+  c.trainer.max_bad_steps = 3
+  trainer = Trainer(c, jax.devices()[:1])
+  real_step = trainer.train_step
+  good = {}
+
+  def nan_loss_from_step_4(state, batch):
+    # From step 4 on the step sees NaN parameters, so its loss is NaN; it returns the incoming good parameters,
+    # as the in-step guard does for a real NaN (tests/test_train_step.py checks that guard).
+    step = int(state["step"]) + 1
+    if step < 4:
+      new, metrics = real_step(state, batch)
+      good["params"] = jax.device_get(new["params"])
+      return new, metrics
+    params = state["params"]
+    new, metrics = real_step(dict(state, params=jax.tree.map(lambda p: p * np.nan, params)), batch)
+    return dict(new, params=params), metrics
+
+  trainer.train_step = nan_loss_from_step_4
+  logs = []
+  try:
+    trainer.run(c, str(tmp_path / "run"), log=logs.append)
+    raise AssertionError("the run did not stop")
+  except TrainingDiverged as e:
+    assert "3 consecutive non-finite losses up to step 6" in str(e) and "last good checkpoint is step 4" in str(e)
+  assert sum("update skipped" in line for line in logs) == 3
+  rows = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+  assert [r["finite"] for r in rows] == [1, 1, 1, 0, 0, 0]
+  assert not (tmp_path / "run" / "final.json").exists()
+  ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  assert ckpt.all_steps() == [2, 4]   # nothing saved after the stop
+  restored, _, meta = ckpt.restore(trainer.abstract)
+  ckpt.close()
+  assert meta["skipped"] == 1
+  # The newest checkpoint holds the last good (step 3) parameters: skipped updates never touched them.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), good["params"])

@@ -243,11 +243,6 @@ class Trainer:
             skipped += 1
             log(f"{name}step {step}: non-finite loss {scalars['loss']} / grad norm {scalars['grad_norm']}; update "
                 f"skipped ({bad} in a row, {skipped} in total)")
-            if bad >= int(t.max_bad_steps):
-              raise TrainingDiverged(
-                  f"{name}{bad} consecutive non-finite losses up to step {step} (trainer.max_bad_steps="
-                  f"{t.max_bad_steps}); stopped without saving, the last good checkpoint is step "
-                  f"{ckpt.latest_step()} in {ckpt.directory}. Lower train.learning_rate or check the data.")
           else:
             bad = 0
           scalars["skipped_total"] = skipped
@@ -255,6 +250,11 @@ class Trainer:
           scalars["vision_examples"] = float(host["stats"]["vision_examples"])
           scalars["examples"] = float(host["stats"]["examples"])
           writer.write("train", step, scalars)
+          if bad >= int(t.max_bad_steps):
+            raise TrainingDiverged(
+                f"{name}{bad} consecutive non-finite losses up to step {step} (trainer.max_bad_steps="
+                f"{t.max_bad_steps}); stopped without saving, the last good checkpoint is step "
+                f"{ckpt.latest_step()} in {ckpt.directory}. Lower train.learning_rate or check the data.")
           if step % int(config.train.log_every) == 0 or step == total:
             log(progress.line(step, scalars, scalars["text_tokens"] + scalars["vision_tokens"]))
           if int(t.eval.every) and step % int(t.eval.every) == 0 and step < total:

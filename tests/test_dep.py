@@ -144,6 +144,7 @@ def test_dep_gradients_equal_integrated(reference, dep_runs, shape):
   cfg, mesh, state, step = dep_runs[shape]
   grads, (loss, _, _, plan) = step.grads(state["params"], state["moe_state"], to_global_batch(batch, mesh))
   assert plan.loads.sum() == batch["item_grid"].prod(1)[batch["item_valid"]].sum()
+  assert step.budgets[2] and plan.patch_src.shape[1] == balance.fitted_budget(plan.loads.max(), 4, 256)
   assert (plan.loads > 0).sum() >= 4                        # the media really are spread over the devices
   for part in ("language_model", "vision_tower", "mm_projector"):
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads[part]), jax.tree.leaves(ref[part])):
@@ -183,3 +184,85 @@ def test_dep_step_trains(reference, dep_runs):
     assert int(metrics["finite"]) == 1 and metrics["dep_load_max_over_mean"] >= 1.0
   assert losses[-1] < losses[0] - 0.3, losses
   assert int(state["step"]) == 5
+
+
+# ----------------------------------------------------------------------------------------------- fitted budgets
+
+
+def test_fitted_budget_ladder():
+  rungs = [balance.fitted_budget(load, 4, cap=4096) for load in range(0, 3000)]
+  assert rungs[0] == 4 and all(r % 4 == 0 for r in rungs)
+  assert all(a <= b for a, b in zip(rungs, rungs[1:]))                     # monotone: one compile per rung
+  assert all(load <= r <= max(4, 1.5 * (4 * -(-load // 4))) for load, r in enumerate(rungs))
+  assert sorted(set(rungs))[:8] == [4, 8, 12, 16, 24, 32, 48, 64]          # {2^n, 3 * 2^(n-1)} x 4
+  assert balance.fitted_budget(5000, 4, cap=4096) == 4096
+
+
+def test_fitted_plan_keeps_assignment_and_shrinks_slots():
+  b = _skewed(3)
+  kw = dict(num_devices=8, patch_budget=1024, max_items=48, merge_kernel=(2, 2), num_vision_slots=256)
+  fixed = balance.plan_media(b["patch_item_ids"], b["item_grid"], b["item_valid"], **kw)
+  fitted = balance.plan_media(b["patch_item_ids"], b["item_grid"], b["item_valid"], fit=True, **kw)
+  pd = fitted.patch_src.shape[1]
+  assert pd == balance.fitted_budget(fixed.loads.max(), 4, 1024) < 1024
+  assert fitted.token_dst.shape == (8, pd // 4) and fitted.item_grid.shape[1] == min(48, pd // 4)
+  assert np.array_equal(fitted.device_of_item, fixed.device_of_item) and np.array_equal(fitted.loads, fixed.loads)
+  # The same patches and tokens land on each device, in the same slots (the fixed plan only adds padding).
+  assert np.array_equal(fitted.patch_src, fixed.patch_src[:, :pd]) and (fixed.patch_src[:, pd:] == -1).all()
+  flat = lambda p: p.token_dst.reshape(-1)[p.token_src[:int(p.token_valid.sum())]]
+  assert np.array_equal(flat(fitted), flat(fixed))
+
+
+# ----------------------------------------------------------------------------------------------- FLOP model
+
+
+def _xla_flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def test_vision_flops_match_xla():
+  """One item filling the pack (no padding, the packed attention is exactly per item) and one layer (XLA's cost
+  analysis counts a scan body once); XLA adds the elementwise work (norms, softmax, RoPE, GELU, ~16%)."""
+  from k25jax.model.k25 import K25Model, media_inputs
+  from k25jax.train import dep_flops
+  cfg = get_config("tiny")
+  cfg.model.vision.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+  grid = np.array([[2, 6, 8]], np.int32)
+  n = int(grid.prod())
+  model = K25Model(cfg.model)
+  x = dict(patches=jnp.ones((n, 588)), patch_item_ids=jnp.ones((n,), jnp.int32), item_grid=jnp.asarray(grid),
+           item_valid=jnp.ones((1,), bool))
+  variables = jax.tree.map(jnp.asarray, shd.unbox(model.init(jax.random.key(0), **media_inputs(cfg.model.vision, n, 1),
+                                                             method=K25Model.encode_media)))
+  xla = _xla_flops(lambda v: model.apply(v, **x, method=K25Model.encode_media)[0], variables)
+  ours = dep_flops.vision_forward_flops(cfg.model.vision, cfg.model.hidden_size, grid)
+  assert ours["total"] <= xla <= 1.25 * ours["total"], (xla, ours)      # dropping any term breaks this
+
+
+def test_lm_flops_match_xla_and_bounds():
+  from k25jax.model.lm import K2LM
+  from k25jax.train import dep_flops
+  cfg = get_config("tiny")
+  cfg.model.num_hidden_layers = cfg.model.first_k_dense_replace = 1       # one dense layer: no scan, no routing
+  b, length = 2, 32
+  tokens = jnp.ones((b, length), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+  lm = K2LM(cfg.model)
+  variables = shd.unbox(lm.init(jax.random.key(0), tokens, pos, tokens))
+  xla = _xla_flops(lambda v: lm.apply(v, tokens, pos, tokens)[0], variables)
+  ours = dep_flops.lm_forward_flops(cfg.model, b, length)
+  # XLA computes the whole L x L score matrix (masked after); the count keeps the causal (L+1)/2 mean context.
+  causal = ours - dep_flops.lm_forward_flops(cfg.model, b, length, attention=False)
+  assert ours <= xla <= 1.15 * (ours + causal * (length - 1) / (length + 1)), (xla, ours)
+  # Bounds: DEP executes one more vision forward than the un-remat'd integrated step, equal when remat'd.
+  grid, valid = np.array([[1, 4, 4], [1, 8, 6]]), np.array([True, True])
+  bounds = dep_flops.efficiency_bounds(cfg, grid, valid)
+  v = dep_flops.vision_forward_flops(cfg.model.vision, cfg.model.hidden_size, grid, valid)
+  assert bounds["vision_extra_flops_dep"] - bounds["vision_extra_flops_integrated"] == pytest.approx(v["total"])
+  t = bounds["text_train_flops"]
+  assert bounds["efficiency_bound_dep"] == pytest.approx(t / (t + 4 * v["total"] - v["patch_embed"]))
+  cfg.model.vision.remat_policy = "full"
+  bounds = dep_flops.efficiency_bounds(cfg, grid, valid)
+  assert bounds["efficiency_bound_dep"] == pytest.approx(bounds["efficiency_bound_integrated"])
+  assert bounds["efficiency_bound_dep"] < 1

@@ -3,8 +3,10 @@
 DEP replicates the vision encoder on every device and spreads the media of the *global* batch by a load metric,
 independently of how the text batch is sharded. The metric here is the patch count t*h*w (the tower's cost is
 linear in it at fixed per-device budget; packed attention adds a term quadratic in the item size, which LPT on patch
-counts also keeps bounded). Shapes stay static: every device gets exactly `patch_budget` patch slots and
-`max_items` item slots, padded.
+counts also keeps bounded). Shapes are static per program: every device gets the same number of patch slots Pd
+and item slots, padded. With a fixed Pd (`fit=False`) every device pays for Pd patches however few it holds (and
+the tower's packed attention for Pd^2 pairs); `fit=True` sizes Pd from the plan, the busiest device's load rounded
+up to a short ladder of sizes (`fitted_budget`, at most 1.5x the load, so the jitted phases compile once per rung).
 
 Assignment: LPT (longest processing time first): items in decreasing patch count, each to the least-loaded device
 that still has room. Without budget pressure LPT gives max load <= mean + largest item and <= (4/3 - 1/(3D)) OPT
@@ -107,6 +109,15 @@ def lpt_assign(sizes: np.ndarray, num_devices: int, patch_budget: int, max_items
   return out
 
 
+def fitted_budget(max_load: int, merge_kernel: int, cap: int) -> int:
+  """Per-device patch slots for a plan whose busiest device holds `max_load` patches: the smallest rung of the
+  ladder {2^n, 3 * 2^(n-1)} x merge_kernel that holds it, capped at `cap` (itself a multiple of the kernel)."""
+  k, need = int(merge_kernel), max(-(-int(max_load) // int(merge_kernel)), 1)   # in merge-kernel units
+  pow2 = 1 << (need - 1).bit_length()                          # smallest power of two >= need
+  rung = pow2 * 3 // 4 if pow2 >= 4 and pow2 * 3 // 4 >= need else pow2
+  return min(rung * k, int(cap))
+
+
 def in_order_assign(sizes: np.ndarray, num_devices: int) -> np.ndarray:
   """The unbalanced baseline: items in placeholder order split into `num_devices` runs of equal item count
   (balancing on image counts, as a text-sharded layout gives when every row holds the same number of images)."""
@@ -141,12 +152,14 @@ def item_layout(patch_item_ids: np.ndarray, item_grid: np.ndarray, item_valid: n
 
 def plan_media(patch_item_ids: np.ndarray, item_grid: np.ndarray, item_valid: np.ndarray, *, num_devices: int,
                patch_budget: int, max_items: int, merge_kernel: tuple[int, int], num_vision_slots: int,
-               balance: bool = True) -> MediaPlan:
+               balance: bool = True, fit: bool = False) -> MediaPlan:
   """Assigns the global batch's media items to `num_devices` devices and builds the index maps (module doc).
 
   Inputs are the global (all hosts) `patch_item_ids` [P], `item_grid` [M, 3], `item_valid` [M]; items are in
   placeholder order. `patch_budget`/`max_items` are per device; `num_vision_slots` = N is the placeholder-order
   token count of the integrated model (P // (kh * kw)). `balance=False` uses `in_order_assign` (for comparison).
+  `fit=True` lays the plan out with `fitted_budget(max load)` patch slots and min(max_items, those / (kh*kw)) item
+  slots per device instead of `patch_budget` / `max_items`, which then only bound the assignment.
   """
   kh, kw = merge_kernel
   starts, sizes = item_layout(patch_item_ids, item_grid, item_valid)
@@ -166,6 +179,10 @@ def plan_media(patch_item_ids: np.ndarray, item_grid: np.ndarray, item_valid: np
     if over > patch_budget or np.bincount(dev, minlength=num_devices).max(initial=0) > max_items:
       raise ValueError(f"in-order assignment puts {int(over)} patches on one device, over the budget "
                        f"{patch_budget}; raise device_patch_budget or use balance=True")
+  if fit:
+    loads = np.bincount(dev, weights=v_sizes, minlength=num_devices)
+    patch_budget = fitted_budget(int(loads.max(initial=0)), kh * kw, patch_budget)
+    max_items = min(max_items, patch_budget // (kh * kw))
   nd = patch_budget // (kh * kw)
   tok_start = np.cumsum(ntok) - ntok
   patch_src = np.full((num_devices, patch_budget), -1, np.int32)

@@ -17,9 +17,13 @@ give the same gradients, objective (`step.make_loss_fn`) and update.
            devices (`psum`) and land on the vision params' own shardings.
   update   `update`: optimizer, QK-Clip, MoE bias update and the non-finite guard, as in the integrated step.
 
-Static per-device budgets (`device_budgets`): Pd patches (default twice the global patch budget over D, rounded to
-the merge kernel, at most the global budget) and Md items (default min(global items, Pd / (kh*kw))). LPT bounds the
-max load by mean + largest item, so any item of at most Pd / 2 patches always fits; a larger item may raise.
+Per-device budgets (`device_budgets`): by default each step's plan is fitted (`balance.plan_media(fit=True)`):
+Pd = the busiest device's patch load rounded up to a rung of {2^n, 3 * 2^(n-1)} x (kh*kw) (<= 1.5x the load), so
+phases 1 and 3 only compute what the balanced media need and compile once per rung. A fixed
+`device_patch_budget` (a multiple of kh*kw) gives one static shape instead (e.g. for AOT), at the price of every
+device computing Pd patches and Pd^2 attention pairs however few it holds: at the `small` preset's default
+(Pd = 2 x 4096 / 8 = 1024 for ~220 patches a device) phase 3 took 7.8 s instead of 0.6 s. LPT bounds the max load
+by mean + largest item, so any item of at most Pd / 2 patches always fits a fixed budget; a larger one may raise.
 """
 
 from __future__ import annotations
@@ -50,23 +54,28 @@ DEVICES = P(shd.MESH_AXES)  # leading dim over all four mesh axes flattened
 
 
 def device_budgets(config: ml_collections.ConfigDict, mesh, device_patch_budget: int | None = None,
-                   device_max_items: int | None = None) -> tuple[int, int]:
-  """(Pd, Md): static patch and item slots per device for the balanced vision forward (module docstring)."""
+                   device_max_items: int | None = None) -> tuple[int, int, bool]:
+  """(Pd, Md, fit): per-device patch and item slots for the balanced vision forward (module docstring).
+
+  With `device_patch_budget=None` the plan is fitted per step (fit=True) and (Pd, Md) only cap the assignment:
+  the global budgets, which any single item respects. `device_max_items` defaults to min(global items, Pd/(kh*kw)).
+  """
   kh, kw = (int(k) for k in config.model.vision.merge_kernel_size)
   k = kh * kw
   n_proc = jax.process_count()
   total_patches = int(config.data.patch_budget) * n_proc
   total_items = int(config.data.max_items) * n_proc
-  if device_patch_budget is None:
-    device_patch_budget = min(k * math.ceil(total_patches / k), k * math.ceil(2 * total_patches / mesh.size / k))
+  fit = device_patch_budget is None
+  if fit:
+    device_patch_budget = k * math.ceil(total_patches / k)
   if device_patch_budget <= 0 or device_patch_budget % k:
     raise ConfigError(f"DEP device_patch_budget={device_patch_budget} must be a positive multiple of the merge "
-                      f"kernel size {kh}x{kw}={k}")
+                      f"kernel size {kh}x{kw}={k} (or None to fit it to each step's plan)")
   if device_max_items is None:
     device_max_items = min(total_items, device_patch_budget // k)
   if device_max_items <= 0:
     raise ConfigError(f"DEP device_max_items={device_max_items} must be positive")
-  return int(device_patch_budget), int(device_max_items)
+  return int(device_patch_budget), int(device_max_items), fit
 
 
 def memory_stats(compiled: Any) -> dict[str, int]:
@@ -111,8 +120,9 @@ def make_dep_train_step(config: ml_collections.ConfigDict, mesh, model: K25Model
 
   Attributes of the returned function: `plan(batch) -> MediaPlan`, `grads(params, moe_state, batch) -> (grads,
   (loss, metrics, aux, plan))` (phases 1-3 without the update), `memory(state, batch)` (per-program
-  `memory_stats`), `phases` (the four jitted programs) and `budgets` (Pd, Md).
-  `metrics` adds `dep_load_max_over_mean` (patch load of the busiest device over the mean).
+  `memory_stats`), `phases` (the four jitted programs) and `budgets` (Pd, Md, fit) of `device_budgets`.
+  `metrics` adds `dep_load_max_over_mean` (patch load of the busiest device over the mean) and
+  `dep_device_patches` (the plan's per-device patch slots Pd).
   """
   if not isinstance(model, K25Model):
     raise ConfigError("config.dep=True needs the multimodal K25Model (model.vision.enabled=True); text-only runs "
@@ -121,7 +131,7 @@ def make_dep_train_step(config: ml_collections.ConfigDict, mesh, model: K25Model
   vcfg = config.model.vision
   kh, kw = (int(k) for k in vcfg.merge_kernel_size)
   n_dev = mesh.size
-  pd, md = device_budgets(config, mesh, device_patch_budget, device_max_items)
+  pd, md, fit = device_budgets(config, mesh, device_patch_budget, device_max_items)
   text_config = ml_collections.ConfigDict(config.to_dict())
   text_config.model.vision.enabled = False  # `step.forward` then calls apply(variables, tokens, positions, seg)
   param_sh = state_shardings["params"]
@@ -194,7 +204,8 @@ def make_dep_train_step(config: ml_collections.ConfigDict, mesh, model: K25Model
     m = host_media(batch)
     return balance.plan_media(m["patch_item_ids"], m["item_grid"], m["item_valid"], num_devices=n_dev,
                               patch_budget=pd, max_items=md, merge_kernel=(kh, kw),
-                              num_vision_slots=m["patch_item_ids"].shape[0] // (kh * kw), balance=balanced)
+                              num_vision_slots=m["patch_item_ids"].shape[0] // (kh * kw), balance=balanced,
+                              fit=fit)
 
   def run_phases(params, moe_state, batch, record: dict | None = None):
     """Phases 1-3 -> (grads, (loss, metrics, aux, plan)); `record` collects each program's arguments."""
@@ -229,9 +240,10 @@ def make_dep_train_step(config: ml_collections.ConfigDict, mesh, model: K25Model
     with jax.set_mesh(mesh):
       state, out = phases["update"](state, g, loss, metrics, aux, {k: batch[k] for k in TEXT_KEYS})
     out["dep_load_max_over_mean"] = media_plan.stats()["max_over_mean"]
+    out["dep_device_patches"] = media_plan.patch_src.shape[1]
     return state, out
 
-  run.plan, run.grads, run.memory, run.phases, run.budgets = plan, grads, memory, phases, (pd, md)
+  run.plan, run.grads, run.memory, run.phases, run.budgets = plan, grads, memory, phases, (pd, md, fit)
   return run
 
 

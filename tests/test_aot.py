@@ -59,3 +59,20 @@ def test_bad_inputs_name_the_fix(v5p8):
   assert math.prod(aot.parse_mesh("data=2,fsdp=-1").values()) == -2
   with pytest.raises(ConfigError, match="axis=size"):
     aot.parse_mesh("pipeline=2")
+
+
+def test_multimodal_chunked_vision_attention_cuts_temporaries(v5p8):
+  """The integrated multimodal step compiles with either packed-attention path. Per device, dense holds the f32
+  logits [heads, P / 8, P] of the global patch array (P = 2 hosts x 8192 patches); chunked (items of at most 64
+  patches, chunks of 64, so 3 key chunks per query chunk) holds a [P / 8, heads, 64] block."""
+  devices, topo = v5p8
+  temp = {}
+  for impl in ("dense", "chunked"):
+    config = aot.load_config("tiny", ["trainer.optimizer=adamw", "mesh.data=8", "train.seq_len=16",
+                                      "data.patch_budget=8192", "model.vision.max_item_patches=64",
+                                      f"model.vision.attention_impl={impl}"])
+    report = aot.compile_train_step(config, devices, aot.hbm_per_device(topo, None))
+    assert report["fits"] is True
+    temp[impl] = report["temp_bytes"]
+  heads, p = 2, 2 * 8192
+  assert temp["dense"] - temp["chunked"] >= heads * p * p * 4 // 8, temp

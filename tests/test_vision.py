@@ -195,6 +195,10 @@ def test_matches_transformers_kimi_k25_vision(model_params):
     ref_h = np.concatenate([o.last_hidden_state.numpy() for o in outs])
     ref_tok = np.concatenate([hf_proj(o.pooler_output).squeeze(1).numpy() for o in outs])
   np.testing.assert_allclose(h[:n], ref_h, atol=1e-4, rtol=1e-4)
+  chunked = vision_config("tiny")
+  chunked.update(attention_impl="chunked", attention_chunk=24, max_item_patches=64)
+  h_c = _run(MoonViT3D(chunked), proj, tv, pv, packed)[0]
+  np.testing.assert_allclose(h_c[:n], ref_h, atol=1e-4, rtol=1e-4)
   assert valid.sum() == ref_tok.shape[0]
   np.testing.assert_allclose(tok[:ref_tok.shape[0]], ref_tok, atol=1e-4, rtol=1e-4)
 
@@ -253,6 +257,10 @@ def test_sharded_bf16_and_remat_variants_agree(model_params):
     tv_s = shard(tower, tv, batch["patches"], batch["patch_item_ids"], batch["item_grid"])
     pv_s = shard(proj, pv, h, batch["item_grid"], batch["item_valid"])
     h_s, tok_s, _ = _run(tower, proj, tv_s, pv_s, batch)
+    chunked = vision_config("tiny")
+    chunked.update(attention_impl="chunked", attention_chunk=8, max_item_patches=24)
+    h_c = _run(MoonViT3D(chunked), proj, tv_s, pv_s, batch)[0]
+  np.testing.assert_allclose(h_c[:40], h[:40], atol=1e-5)  # the 40 valid patches (24 + 16); the rest is padding
   assert tv_s["params"]["blocks"]["wqkv"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", None, "tensor", None)
   np.testing.assert_allclose(h_s, h, atol=1e-5)

@@ -7,6 +7,13 @@ multimodal `K25Model` when it is set, and text-only batches simply carry no medi
 4304, patch 14, learned pos-emb 64x64 with a 4-frame sin-cos time table, 2x2 merge, projector
 LayerNorm -> Linear(4608, 4608) -> GELU -> Linear(4608, text hidden). Tower ~416.9M and projector ~54.3M
 parameters (digest §1.3 [INF]). `tiny` and `small` keep the structure at CPU size.
+
+Packed attention (`k25jax.model.vision.packed_attention`): `attention_impl="dense"` materialises the [P, P] logits
+of the whole packed sequence; `"chunked"` splits it into query chunks of `attention_chunk` patches and attends each
+only to the neighbouring key chunks that can hold the same item, which needs every item to have at most
+`max_item_patches` patches (checked on the host by `check_vision_inputs`). `moonvit_full` uses `chunked` with
+`max_item_patches=16384`, the released preprocessing's bound (`in_patch_limit` 16384 per image, 4 frames x 4096 per
+video chunk, `k25jax.data.media`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from k25jax.configs.validate import ConfigError
 VISION_PRESETS = {"tiny": "moonvit_tiny", "small": "moonvit_small", "k25_full": "moonvit_full"}
 _REMAT = ("none", "full", "dots")
 _DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION = ("dense", "chunked")
 
 
 def vision_config(name: str) -> ml_collections.ConfigDict:
@@ -26,17 +34,19 @@ def vision_config(name: str) -> ml_collections.ConfigDict:
   common = dict(
       enabled=True, patch_size=14, in_channels=3, pos_emb_time=4, merge_kernel_size=(2, 2),
       rope_theta=10000.0, layer_norm_eps=1e-5, projector_ln_eps=1e-5,
-      dtype="float32", param_dtype="float32", remat_policy="none", initializer_range=0.02)
+      dtype="float32", param_dtype="float32", remat_policy="none", initializer_range=0.02,
+      attention_impl="dense", attention_chunk=64, max_item_patches=1024)
   if name == "moonvit_tiny":
     v = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              pos_emb_height=8, pos_emb_width=8)
   elif name == "moonvit_small":
     v = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=344,
-             pos_emb_height=16, pos_emb_width=16)
+             pos_emb_height=16, pos_emb_width=16, attention_chunk=256, max_item_patches=4096)
   elif name == "moonvit_full":
     v = dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
              pos_emb_height=64, pos_emb_width=64)
-    common.update(dtype="bfloat16", remat_policy="full")
+    common.update(dtype="bfloat16", remat_policy="full", attention_impl="chunked", attention_chunk=1024,
+                  max_item_patches=16384)
   else:
     raise ValueError(f"unknown vision preset {name!r}; choose one of "
                      f"{', '.join(list(VISION_PRESETS) + list(VISION_PRESETS.values()))}")
@@ -67,5 +77,12 @@ def validate_vision(v: ml_collections.ConfigDict) -> None:
                       "e.g. (2, 2)")
   if v.remat_policy not in _REMAT:
     raise ConfigError(f"model.vision.remat_policy={v.remat_policy!r}: choose from {_REMAT}")
+  if v.attention_impl not in _ATTENTION:
+    raise ConfigError(f"model.vision.attention_impl={v.attention_impl!r}: choose from {_ATTENTION} (chunked for "
+                      "large patch budgets)")
+  for f in ("attention_chunk", "max_item_patches"):
+    if not isinstance(v[f], int) or isinstance(v[f], bool) or v[f] <= 0:
+      raise ConfigError(f"model.vision.{f}={v[f]!r} must be a positive integer, e.g. attention_chunk=1024, "
+                        "max_item_patches=16384 (the largest item's t*h*w)")
   if v.dtype not in _DTYPES or v.param_dtype not in _DTYPES:
     raise ConfigError(f"model.vision.dtype={v.dtype!r} / param_dtype={v.param_dtype!r}: choose from {_DTYPES}")

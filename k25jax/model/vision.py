@@ -8,7 +8,8 @@ Inputs (static shapes, packed on the host, see `pack_media` and `check_vision_in
   item_valid      bool  [M]
 Items occupy the patch sequence contiguously in item order from position 0, padding at the end; positions
 (frame, row, column) are derived from `item_grid` on device. Attention is bidirectional within each item only
-(all frames of a video chunk together, "spatial_temporal") and masked on item ids.
+(all frames of a video chunk together, "spatial_temporal") and masked on item ids; with
+`attention_impl="chunked"` every item must have at most `max_item_patches` patches.
 
 Computation (matches transformers `Kimi_K25VisionModel`):
   1. patch embedding `proj` (the stride-14 Conv2d as a matmul over flattened patches);
@@ -210,28 +211,90 @@ def _layer_norm(c: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
                       bias_init=_part(nn.initializers.zeros, ("norm",)), name=name)
 
 
+def _shift_chunks(x: jax.Array, offset: int) -> jax.Array:
+  """y[j] = x[j + offset] along axis 0, zero-filled outside (a static slice and pad: a halo exchange when sharded)."""
+  if offset == 0:
+    return x
+  fill = [(0, 0)] * (x.ndim - 1)
+  if offset > 0:
+    return jnp.pad(x[offset:], [(0, offset)] + fill)
+  return jnp.pad(x[:offset], [(-offset, 0)] + fill)
+
+
+def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, *, impl: str = "dense",
+                     chunk: int = 1024, max_item_patches: int = 16384) -> jax.Array:
+  """Bidirectional attention within each packed item (digest §1.3 step 3): q, k, v [P, heads, hd], ids [P].
+
+  Query i attends to keys j with ids[j] == ids[i] > 0, softmax in f32. `dense` materialises the [heads, P, P]
+  logits. `chunked` gives the same valid rows in O(P * window) memory: the sequence is cut into chunks of `chunk`
+  patches; items are contiguous runs of at most `max_item_patches` patches, so a query's keys lie within
+  n = ceil((max_item_patches - 1) / chunk) chunks on either side; those 2n+1 key chunks are visited by a
+  `lax.scan` with an online softmax (flash attention), its body rematerialised so that the backward pass keeps
+  only the running (max, sum, output) per step. Padding rows (id 0) are not defined by either: dense gives them a
+  uniform mix over all keys, chunked gives zeros; downstream drops them.
+  """
+  p, heads, hd = q.shape
+  dt = v.dtype
+  scale = hd ** -0.5
+  if impl == "dense":
+    mask = (ids[:, None] == ids[None, :]) & (ids[None, :] > 0)
+    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    return jnp.einsum("hqk,khd->qhd", probs, v)
+  c = min(chunk, p)
+  pad = -p % c
+  if pad:
+    q, k, v = (jnp.pad(a, ((0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    ids = jnp.pad(ids, (0, pad))
+  nc = (p + pad) // c
+  n = min(-(-(max_item_patches - 1) // c), nc - 1)
+  to_chunks = lambda a: nn.with_logical_constraint(a.reshape(nc, c, *a.shape[1:]),  # noqa: E731
+                                                   ("patch", None, "act_heads", None)[:a.ndim + 1])
+  qc, kc, vc, idc = (to_chunks(a) for a in (q, k, v, ids))
+  offsets = range(-n, n + 1)
+  windows = tuple(jnp.stack([_shift_chunks(a, o) for o in offsets]) for a in (kc, vc, idc))
+  neg = jnp.finfo(jnp.float32).min
+
+  @jax.checkpoint
+  def visit(carry, window):
+    acc, m, l = carry
+    kb, vb, ib = window
+    s = jnp.einsum("jqhd,jkhd->jhqk", qc, kb, preferred_element_type=jnp.float32) * scale
+    mask = (idc[:, None, :, None] == ib[:, None, None, :]) & (ib[:, None, None, :] > 0)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, neg), axis=-1))
+    e = jnp.exp(jnp.where(mask, s - m_new[..., None], -jnp.inf))  # masking the argument keeps gradients finite
+    alpha = jnp.exp(m - m_new)
+    acc = alpha[..., None] * acc + jnp.einsum("jhqk,jkhd->jhqd", e.astype(dt), vb,
+                                              preferred_element_type=jnp.float32)
+    return (acc, m_new, alpha * l + jnp.sum(e, axis=-1)), None
+
+  init = (jnp.zeros((nc, heads, c, hd), jnp.float32), jnp.full((nc, heads, c), neg, jnp.float32),
+          jnp.zeros((nc, heads, c), jnp.float32))
+  (acc, _, l), _ = jax.lax.scan(visit, init, windows)
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  return out.transpose(0, 2, 1, 3).reshape(nc * c, heads, hd)[:p].astype(dt)
+
+
 class VisionBlock(nn.Module):
   """Pre-LN encoder block with per-item bidirectional attention and 2D RoPE (digest §1.3 step 4).
 
-  Attention logits are materialised (f32) and masked to same-item pairs; padding rows see a uniform (finite)
-  distribution and are dropped downstream.
+  Attention (`packed_attention`, `config.attention_impl`) is masked to same-item pairs; padding rows are dropped
+  downstream.
   """
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, ids: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, None]:
     c = self.config
-    dt = jnp.dtype(c.dtype)
     heads = c.num_attention_heads
     hd = c.hidden_size // heads
     qkv = Projection((3, heads, hd), 1, ("vit_embed", None, "vit_heads", None), c, name="wqkv")(
         _layer_norm(c, "norm0")(x))
     q = rope_2d(qkv[:, 0], row, col, c.rope_theta)
     k = rope_2d(qkv[:, 1], row, col, c.rope_theta)
-    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    o = jnp.einsum("hqk,khd->qhd", probs, qkv[:, 2])
+    o = packed_attention(q, k, qkv[:, 2], ids, impl=c.attention_impl, chunk=c.attention_chunk,
+                         max_item_patches=c.max_item_patches)
     x = x + Projection((c.hidden_size,), 2, ("vit_heads", None, "vit_embed"), c, name="wo")(o)
     x = nn.with_logical_constraint(x, ("patch", "act_vit_embed"))
     x = x + VisionMLP(c, name="mlp")(_layer_norm(c, "norm1")(x))
@@ -265,14 +328,13 @@ class MoonViT3D(nn.Module):
     pos = patch_positions(patch_item_ids, item_grid)
     x = PatchEmbed(c, name="patch_embed")(patches, pos)
     x = nn.with_logical_constraint(x, ("patch", "act_vit_embed"))
-    mask = (patch_item_ids[:, None] == patch_item_ids[None, :]) & (patch_item_ids[None, :] > 0)
     block = VisionBlock
     if c.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(c, name="blocks")(x, mask, pos["row"], pos["col"])
+    x, _ = stack(c, name="blocks")(x, patch_item_ids, pos["row"], pos["col"])
     return _layer_norm(c, "final_layernorm")(x)
 
 
@@ -330,6 +392,7 @@ def check_vision_inputs(patch_item_ids: np.ndarray, item_grid: np.ndarray, item_
   """
   ids, grid, valid = np.asarray(patch_item_ids), np.asarray(item_grid), np.asarray(item_valid)
   kh, kw = (int(k) for k in config.merge_kernel_size)
+  chunked = config.attention_impl == "chunked"
   expected = []
   for i, ((t, h, w), ok) in enumerate(zip(grid.tolist(), valid.tolist())):
     if not ok:
@@ -342,6 +405,10 @@ def check_vision_inputs(patch_item_ids: np.ndarray, item_grid: np.ndarray, item_
     if h <= 0 or w <= 0 or h % kh or w % kw:
       raise ValueError(f"media item {i} has grid h={h}, w={w}; both must be positive multiples of the merge "
                        f"kernel {(kh, kw)}: pad the image to a multiple of {kh * config.patch_size} pixels")
+    if chunked and t * h * w > config.max_item_patches:
+      raise ValueError(f"media item {i} has t*h*w={t * h * w} patches but chunked attention needs at most "
+                       f"model.vision.max_item_patches={config.max_item_patches}: resize it smaller or raise "
+                       "max_item_patches")
     expected.append(np.full((t * h * w,), i + 1, np.int32))
   exp = np.concatenate(expected) if expected else np.zeros((0,), np.int32)
   if exp.size > ids.size:

@@ -6,7 +6,10 @@ weights (our params converted to HF's in-memory layout: transposed kernels, expe
 prompts greedily and the JSON records whether the tokens agree and the largest logit gap of one forward.
 Timed: greedy decoding of `--new` tokens after a `--prompt`-token prompt at each batch size (no stop tokens, so
 every row generates exactly `--new` tokens); generated tokens/s = batch * new / wall time (prefill included),
-median of `--reps` runs after one warm-up (our warm-up compiles).
+median of `--reps` runs after one warm-up (our warm-up compiles). The split: `prefill_s` is the median wall time
+of the same call with one new token (prefill + the first token), `decode_step_ms` = (full - prefill) / (new - 1).
+Ours and transformers' runs are interleaved rep by rep, and the 1-minute load average is recorded per batch size
+(the measurement is only meaningful on an otherwise idle machine).
 
   python -m benchmarks.sampler --out /tmp/sampler_bench.json [--preset small] [--batches 1,8,32]
 """
@@ -14,6 +17,7 @@ median of `--reps` runs after one warm-up (our warm-up compiles).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -106,14 +110,18 @@ def hf_generate(model, prompts: np.ndarray, new: int) -> np.ndarray:
   return out[:, prompts.shape[1]:].numpy()
 
 
-def timed(fn, reps: int) -> float:
-  fn()                                                  # warm-up (compiles ours)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def timed(fns: dict, reps: int) -> dict:
+  """Median wall seconds of each zero-argument callable: one warm-up each (compiles ours), then `reps` rounds
+  that run every callable once, interleaved so that load changes hit all of them alike."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> None:
@@ -123,7 +131,7 @@ def main() -> None:
   parser.add_argument("--batches", default="1,8,32")
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--new", type=int, default=64)
-  parser.add_argument("--reps", type=int, default=2)
+  parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--init_std", type=float, default=0.1,
                       help="weight init std: larger than the 0.02 default so greedy argmax is not a near-tie")
   args = parser.parse_args()
@@ -160,24 +168,35 @@ def main() -> None:
                    max_abs_logit_diff=float(np.max(np.abs(np.asarray(ours_logits) - hf_logits))))
   print(f"agreement: {agreement}")
 
-  ours_tps, hf_tps, speedup = {}, {}, {}
+  if args.new < 2:
+    raise ValueError(f"--new={args.new}: need >= 2 new tokens to separate prefill from decode steps")
+  ours_tps, hf_tps, speedup, split, load = {}, {}, {}, {}, {}
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]
-    ours_s = timed(lambda: generate(params, moe_state, config, rows, max_new_tokens=args.new,
-                                    rng=jax.random.key(0), greedy=True, mesh=mesh), args.reps)
-    hf_s = timed(lambda: hf_generate(hf, prompts, args.new), args.reps)
-    ours_tps[b], hf_tps[b] = b * args.new / ours_s, b * args.new / hf_s
+    ours = lambda new: generate(params, moe_state, config, rows, max_new_tokens=new, rng=jax.random.key(0),
+                                greedy=True, mesh=mesh)
+    hf_run = lambda new: hf_generate(hf, prompts, new)
+    t = timed({(who, new): functools.partial(fn, new) for who, fn in (("ours", ours), ("hf", hf_run))
+               for new in (args.new, 1)}, args.reps)
+    load[b] = os.getloadavg()[0]
+    ours_tps[b], hf_tps[b] = b * args.new / t[("ours", args.new)], b * args.new / t[("hf", args.new)]
     speedup[b] = ours_tps[b] / hf_tps[b]
+    split[b] = {who: dict(total_s=t[(who, args.new)], prefill_s=t[(who, 1)],
+                          decode_step_ms=1e3 * (t[(who, args.new)] - t[(who, 1)]) / (args.new - 1))
+                for who in ("ours", "hf")}
     print(f"batch {b:3d}: ours {ours_tps[b]:9.1f} tok/s   transformers {hf_tps[b]:9.1f} tok/s   "
-          f"speedup {speedup[b]:6.2f}x")
+          f"speedup {speedup[b]:6.2f}x   prefill ours/hf {t[('ours', 1)] * 1e3:.0f}/{t[('hf', 1)] * 1e3:.0f} ms   "
+          f"decode step ours/hf {split[b]['ours']['decode_step_ms']:.2f}/{split[b]['hf']['decode_step_ms']:.2f} ms"
+          f"   load {load[b]:.2f}")
 
   result = dict(
       benchmark="sampler", preset=args.preset, prompt_len=args.prompt, new_tokens=args.new, reps=args.reps,
       init_std=args.init_std, moe_dispatch=m.moe_dispatch, dtype=m.dtype, devices=len(mesh.devices.flat),
       ours_tokens_per_s={str(k): v for k, v in ours_tps.items()},
       hf_tokens_per_s={str(k): v for k, v in hf_tps.items()},
-      speedup={str(k): v for k, v in speedup.items()}, agreement=agreement,
+      speedup={str(k): v for k, v in speedup.items()}, split={str(k): v for k, v in split.items()},
+      loadavg_1min={str(k): v for k, v in load.items()}, agreement=agreement,
       versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
       torch_threads=torch.get_num_threads(), machine=platform.machine(), cpus=os.cpu_count())
   with open(args.out, "w") as f:

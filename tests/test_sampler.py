@@ -8,7 +8,9 @@ import pytest
 from k25jax.configs import ConfigError, get_config
 from k25jax.configs.sample import sample_config
 from k25jax.model import K2LM, text_inputs
-from k25jax.sample import engine, filter_logits, forward_with_cache, generate, init_cache, logits_from_hidden
+from k25jax.model.moe import MoE
+from k25jax.sample import (engine, experts, filter_logits, forward_with_cache, generate, init_cache,
+                            logits_from_hidden, sample_tokens)
 from k25jax.sample.cache import slot_segments_and_positions
 from k25jax.sharding import get_rules, init_sharded, make_mesh
 
@@ -169,6 +171,43 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
   out = generate(params, state, config, (tokens, lengths), max_new_tokens=MAX_NEW, rng=jax.random.key(0),
                  greedy=True, input_embeds=embeds, mesh=mesh)
   np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
+
+
+def test_decode_moe_equals_model_moe(setup):
+  """The decode path's MoE (every expert as batched matmuls, weights moved before the down projection) equals
+  the model's MoE block, here with its reference `dense` dispatch, on decode-sized token batches."""
+  config, _, _, params, state = setup
+  params, state = jax.device_get((params, state))
+  m = config.model.copy_and_resolve_references()
+  m.moe_dispatch = "dense"
+  mlp = jax.tree.map(lambda a: a[0], params["moe_layers"]["mlp"])
+  ls = jax.tree.map(lambda a: a[0], state["moe_layers"]["mlp"])
+  for b in (1, 4, 16):
+    x = jax.random.normal(jax.random.key(b), (b, 1, m.hidden_size))
+    want, _ = MoE(m).apply({"params": mlp, "moe_state": ls}, x, jnp.ones((b, 1), bool))
+    np.testing.assert_allclose(experts.moe_decode(m, mlp, ls, x), want, rtol=1e-5, atol=1e-5)
+  assert not experts.use_dense_decode(m, 3) and experts.use_dense_decode(m, 4)     # 8 experts, top-2
+
+
+def test_small_batch_decode_path_equals_recompute(setup, reference_logits):
+  """One prompt on one device: tokens * top-k < experts, so decode keeps the model's (blocked) dispatch."""
+  config, _, _, params, state = setup
+  out = generate(params, state, config, PROMPTS[1:2], max_new_tokens=MAX_NEW, rng=jax.random.key(0),
+                 greedy=True, mesh=make_mesh(config, jax.devices()[:1]))
+  assert out["tokens"][0].tolist() == recompute_greedy(reference_logits, PROMPTS[1], MAX_NEW)
+
+
+def test_unfiltered_sampling_draws_from_tempered_logits():
+  """Without top-k / top-p the draw skips the filter; it equals a categorical draw from logits / temperature
+  with row b's key fold_in(key, b), and greedy takes the argmax."""
+  logits = jax.random.normal(jax.random.key(0), (5, 40)) * 3
+  key, temp = jax.random.key(9), jnp.float32(1.7)
+  got, lp = sample_tokens(logits, key, temp, jnp.int32(0), jnp.float32(1.0), jnp.bool_(False))
+  want = [jax.random.categorical(jax.random.fold_in(key, i), logits[i] / temp) for i in range(5)]
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[jnp.arange(5), got], rtol=1e-6)
+  greedy, _ = sample_tokens(logits, key, temp, jnp.int32(0), jnp.float32(1.0), jnp.bool_(True))
+  np.testing.assert_array_equal(greedy, np.argmax(logits, axis=-1))
 
 
 def test_filter_logits_matches_numpy_top_k_top_p():

@@ -70,14 +70,20 @@ def absorbed_attention(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, k
   q_nope [B,L,H,nope], q_rot [B,L,H,rope] (roped), latent [B,S,kv_lora+rope] (c_kv | k_rot), kv_b_kernel
   [kv_lora, H*(nope+v)] (kv_b_proj, per head k_nope columns then v columns), mask [B,L,S] bool.
   Returns [B, L, H, v] in q's dtype. Logits and softmax statistics in f32.
+
+  The latent-space query [q_nope W_uk^T | q_rot] meets the whole cached row [c | k_rot] in ONE batched matmul
+  (q_lat.c + q_rot.k_rot), and probabilities multiply whole rows before the k_rot columns are dropped: the
+  cache is never sliced (a slice is a copy of the cache per layer and step on XLA:CPU). Queries and heads share
+  the matmul's row dimension, so both products are plain [B] batched matmuls.
   """
   b, l, h, nope = q_nope.shape
   w = kv_b_kernel.astype(q_nope.dtype).reshape(kv_lora, h, -1)
   w_uk, w_uv = w[..., :nope], w[..., nope:]
-  c, k_rot = latent[..., :kv_lora].astype(q_nope.dtype), latent[..., kv_lora:].astype(q_rot.dtype)
   q_lat = jnp.einsum("blhn,chn->blhc", q_nope, w_uk)
-  logits = (jnp.einsum("blhc,bsc->bhls", q_lat, c, preferred_element_type=jnp.float32)
-            + jnp.einsum("blhr,bsr->bhls", q_rot, k_rot, preferred_element_type=jnp.float32)) * scale
-  probs = jax.nn.softmax(jnp.where(mask[:, None], logits, NEG_INF), axis=-1)
-  o_lat = jnp.einsum("bhls,bsc->blhc", probs.astype(c.dtype), c)
+  q = jnp.concatenate([q_lat, q_rot.astype(q_lat.dtype)], axis=-1).reshape(b, l * h, -1)
+  rows = latent.astype(q.dtype)
+  logits = jnp.einsum("bmw,bsw->bms", q, rows, preferred_element_type=jnp.float32) * scale
+  keep = jnp.broadcast_to(mask[:, :, None], (b, l, h, mask.shape[-1])).reshape(b, l * h, -1)
+  probs = jax.nn.softmax(jnp.where(keep, logits, NEG_INF), axis=-1)
+  o_lat = jnp.einsum("bms,bsw->bmw", probs.astype(rows.dtype), rows)[..., :kv_lora].reshape(b, l, h, kv_lora)
   return jnp.einsum("blhc,chv->blhv", o_lat, w_uv)

@@ -4,7 +4,10 @@ The decode forward runs the LM's own sub-modules on its parameter tree (one sour
 `RMSNorm`, `MLA.project_q` / `MLA.project_latent` / `o_proj`, `MoE` (router, correction bias and the dispatch the
 config selects) or `SwiGLU`, `K2LM.embed`, `K2LM.norm` + `K2LM.head`, each through `Module.apply(..., method=...)`.
 Only attention differs from the training forward: it runs in DeepSeek-V3's absorbed form over the latent cache
-(`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries.
+(`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries, scanned over the layer
+stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
+latent cache per layer, sliced once before the loop (no per-step weight or cache copies), and, once a step's
+tokens * top-k reach the expert count, MoE layers run every expert densely (`k25jax.sample.experts`).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -34,6 +37,7 @@ from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
 from k25jax.model.moe import MoE
 from k25jax.model import rope
+from k25jax.sample import experts
 from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
 from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
 
@@ -41,29 +45,32 @@ Params = Any
 
 
 # ----------------------------------------------------------------------------------------------- forward
-def _decoder_layer(m, use_moe: bool, lp: Params, ls: Params, x: jax.Array, cache: jax.Array, layer: jax.Array,
-                   slot: jax.Array, positions: jax.Array, mask: jax.Array, valid: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-  """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over `cache[layer]`; writes the chunk's
-  latents at `slot`. x [B,L,D], cache [layers,B,S,kv_lora+rope], mask [B,L,S]."""
+def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tuple, slot: jax.Array,
+                   positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
+  latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
+  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
   mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
   h = norm("input_layernorm", x)
   q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
   c, k_rot = mla.apply(attn_vars, h, positions, method=MLA.project_latent)
   new = jnp.concatenate([c, k_rot.astype(c.dtype)], axis=-1).astype(cache.dtype)
-  cache = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, slot, 0))
-  latent = jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
+  cache = jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(layer) + new.shape), (*layer, 0, slot, 0))
+  latent = jax.lax.dynamic_index_in_dim(cache, layer[0], axis=0, keepdims=False) if layer else cache
   o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
                          rope.softmax_scale(m), m.kv_lora_rank)
   o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
   x = x + mla.apply(attn_vars, o, method=lambda mod, y: mod.o_proj(y))
-  h = norm("post_attention_layernorm", x)
-  if use_moe:
-    y, _ = MoE(m).apply({"params": lp["mlp"], "moe_state": ls["mlp"]}, h, valid)
-  else:
-    y = SwiGLU(m.intermediate_size, m.dtype, m.param_dtype, m.initializer_range).apply({"params": lp["mlp"]}, h)
+  y = ffn(norm("post_attention_layernorm", x))
   return nn.with_logical_constraint(x + y, ("batch", "length", "act_embed")), cache
+
+
+def _model_ffn(m, use_moe: bool, lp: Params, ls: Params, valid: jax.Array):
+  """The layer's feed-forward as the model computes it: `MoE` (the config's dispatch) or `SwiGLU`."""
+  if use_moe:
+    return lambda h: MoE(m).apply({"params": lp["mlp"], "moe_state": ls["mlp"]}, h, valid)[0]
+  return SwiGLU(m.intermediate_size, m.dtype, m.param_dtype, m.initializer_range).bind({"params": lp["mlp"]})
 
 
 def forward_with_cache(params: Params, moe_state: Params, m: ml_collections.ConfigDict, x: jax.Array,
@@ -73,26 +80,58 @@ def forward_with_cache(params: Params, moe_state: Params, m: ml_collections.Conf
   latent cache (digest §1.1). Returns (final hidden state before the last norm [B,L,D], updated cache).
 
   positions / q_segment_ids [B,L] describe the chunk; kv_segment_ids / kv_positions [B,S] every cache slot
-  (`cache.slot_segments_and_positions`). The mask is the model's own `attention_mask`.
+  (`cache.slot_segments_and_positions`). The mask is the model's own `attention_mask`. Layers run as a scan over
+  the stacked parameters (prefill); decode steps use `_decode_step`.
   """
   m = freeze(m)
   mask = attention_mask(q_segment_ids, kv_segment_ids, positions, kv_positions)
   valid = q_segment_ids > 0
-  n_dense = m.first_k_dense_replace
-  stacks = (("dense_layers", False, 0, n_dense), ("moe_layers", True, n_dense, m.num_hidden_layers - n_dense))
-  for name, use_moe, offset, count in stacks:
-    if not count:
-      continue
-
+  for name, use_moe, offset, count in _stacks(m):
     def body(carry, xs, use_moe=use_moe):
       x, cache = carry
       lp, ls, layer = xs
-      return _decoder_layer(m, use_moe, lp, ls, x, cache, layer, slot, positions, mask, valid), None
+      ffn = _model_ffn(m, use_moe, lp, ls, valid)
+      return _decoder_layer(m, ffn, lp, x, cache, (layer,), slot, positions, mask), None
 
     state = moe_state[name] if use_moe else {}
     layers = offset + jnp.arange(count, dtype=jnp.int32)
     (x, cache), _ = jax.lax.scan(body, (x, cache), (params[name], state, layers))
   return x, cache
+
+
+def _stacks(m) -> list[tuple[str, bool, int, int]]:
+  """(parameter stack, is MoE, first layer, layer count) for the non-empty layer stacks."""
+  n_dense = m.first_k_dense_replace
+  stacks = [("dense_layers", False, 0, n_dense), ("moe_layers", True, n_dense, m.num_hidden_layers - n_dense)]
+  return [s for s in stacks if s[3]]
+
+
+def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> list[dict]:
+  """Per-layer parameters for decode steps, sliced out of the stacks once per generate call (a scan would
+  dynamic-slice, i.e. copy, every weight at every step), with each layer's feed-forward: `experts.moe_decode`
+  for MoE layers when `experts.use_dense_decode`, else the model's own `MoE` / `SwiGLU`."""
+  dense_moe = experts.use_dense_decode(m_step, batch)
+  valid = jnp.ones((batch, 1), bool)
+  layers = []
+  for name, use_moe, _, count in _stacks(m_step):
+    for j in range(count):
+      lp = jax.tree.map(lambda a: a[j], params[name])
+      ls = jax.tree.map(lambda a: a[j], moe_state[name]) if use_moe else {}
+      ffn = (functools.partial(experts.moe_decode, m_step, lp["mlp"], ls["mlp"]) if use_moe and dense_moe
+             else _model_ffn(m_step, use_moe, lp, ls, valid))
+      layers.append(dict(lp=lp, ffn=ffn))
+  return layers
+
+
+def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Array], slot: jax.Array,
+                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+  """One decode step through every layer, unrolled over `_decode_layers` with one latent cache [B,S,W] per
+  layer (updated in place at `slot`). Returns (hidden state before the last norm, caches)."""
+  out = []
+  for layer, cache in zip(layers, caches):
+    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask)
+    out.append(cache)
+  return x, out
 
 
 def embed(params: Params, m: ml_collections.ConfigDict, tokens: jax.Array) -> jax.Array:
@@ -134,11 +173,16 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
   temperature 1), which is what RL objectives (digest §4.1) need, whatever temperature/top-k/top-p sampled.
 
   Row b draws with `fold_in(key, b)`, so a row's sample does not depend on the batch padding or the mesh.
+  Greedy steps skip drawing, and draws without top-k / top-p skip the sort (`lax.cond`: on a small model these
+  cost more than a decode step's matmuls).
   """
-  filtered = filter_logits(logits, temperature, top_k, top_p)
-  row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0], dtype=jnp.int32))
-  sampled = jax.vmap(jax.random.categorical)(row_keys, filtered)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  def draw():
+    filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda x, t, *_: x / t,
+                            logits, temperature, top_k, top_p)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0], dtype=jnp.int32))
+    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+
+  tokens = jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), draw)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens, logprobs
 
@@ -177,20 +221,22 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
     return (step < max_new) & ~jnp.all(done)
 
   m_step = decode_moe_config(m, b)
+  layers = _decode_layers(params, moe_state, m_step, b)
+  caches = [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cache]
 
   def body(carry):
-    step, cache, last, out_tok, out_lp, done, n_gen = carry
+    step, caches, last, out_tok, out_lp, done, n_gen = carry
     q_pos = (lengths + step - 1)[:, None]
-    h, cache = forward_with_cache(params, moe_state, m_step, embed(params, m, last[:, None]), cache, p + step - 1,
-                                  q_pos, jnp.ones_like(q_pos), kv_seg, kv_pos)
+    mask = attention_mask(jnp.ones_like(q_pos), kv_seg, q_pos, kv_pos)
+    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask)
     tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, step))
     tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
     out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, lp, step, axis=1)
     n_gen = n_gen + (~done).astype(jnp.int32)
-    return step + 1, cache, tok, out_tok, out_lp, done | jnp.isin(tok, stop), n_gen
+    return step + 1, caches, tok, out_tok, out_lp, done | jnp.isin(tok, stop), n_gen
 
-  carry = (jnp.int32(1), cache, tok, out_tok, out_lp, done, n_gen)
+  carry = (jnp.int32(1), caches, tok, out_tok, out_lp, done, n_gen)
   _, _, _, out_tok, out_lp, _, n_gen = jax.lax.while_loop(cond, body, carry)
   return out_tok, out_lp, n_gen
 

@@ -19,7 +19,9 @@ _VISION_DOMAINS = dict(fashion_mnist=1.0, ocr=1.0, shapes=1.0, charts=1.0, mazes
 
 def data_config(name: str) -> ml_collections.ConfigDict:
   """`config.data` for a preset ("tiny", "small", "k25_full")."""
-  budgets = {"tiny": (1024, 32), "small": (4096, 64), "k25_full": (65536, 1024)}
+  # k25_full: 4096 patches / 64 items per host is the largest budget whose integrated step fits v5p:8x8x16 per
+  # `launch.aot` (71.0 of 95 GiB; launch/README.md); 65536 needs a shard-local projector merge (361 GB temporaries).
+  budgets = {"tiny": (1024, 32), "small": (4096, 64), "k25_full": (4096, 64)}
   if name not in budgets:
     raise ValueError(f"unknown data preset {name!r}; choose one of {', '.join(budgets)}")
   patch_budget, max_items = budgets[name]

@@ -9,7 +9,7 @@ from k25jax.configs import ConfigError, get_config
 from k25jax.configs.sample import sample_config
 from k25jax.model import K2LM, text_inputs
 from k25jax.model.moe import MoE
-from k25jax.sample import (engine, experts, filter_logits, forward_with_cache, generate, init_cache,
+from k25jax.sample import (engine, filter_logits, forward_with_cache, generate, init_cache,
                             logits_from_hidden, sample_tokens)
 from k25jax.sample.cache import slot_segments_and_positions
 from k25jax.sharding import get_rules, init_sharded, make_mesh
@@ -173,20 +173,16 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
   np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
 
 
-def test_decode_moe_equals_model_moe(setup):
-  """The decode path's MoE (every expert as batched matmuls, weights moved before the down projection) equals
-  the model's MoE block, here with its reference `dense` dispatch, on decode-sized token batches."""
-  config, _, _, params, state = setup
-  params, state = jax.device_get((params, state))
-  m = config.model.copy_and_resolve_references()
-  m.moe_dispatch = "dense"
-  mlp = jax.tree.map(lambda a: a[0], params["moe_layers"]["mlp"])
-  ls = jax.tree.map(lambda a: a[0], state["moe_layers"]["mlp"])
-  for b in (1, 4, 16):
-    x = jax.random.normal(jax.random.key(b), (b, 1, m.hidden_size))
-    want, _ = MoE(m).apply({"params": mlp, "moe_state": ls}, x, jnp.ones((b, 1), bool))
-    np.testing.assert_allclose(experts.moe_decode(m, mlp, ls, x), want, rtol=1e-5, atol=1e-5)
-  assert not experts.use_dense_decode(m, 3) and experts.use_dense_decode(m, 4)     # 8 experts, top-2
+def test_decode_moe_config_picks_dense_once_every_expert_is_read():
+  """Decode steps switch the CPU dispatch to `dense` once tokens * top-k >= experts (its equality with the
+  per-token reference is tests/test_model.py's); below that `blocked` with a shrunken tile; `ragged` is kept."""
+  m = get_config("tiny").model          # 8 experts, top-2, blocked tile 64
+  m.moe_dispatch = "blocked"
+  assert engine.decode_moe_config(engine.freeze(m), 4).moe_dispatch == "dense"
+  small = engine.decode_moe_config(engine.freeze(m), 3)
+  assert (small.moe_dispatch, small.moe_block_size) == ("blocked", 1)
+  m.moe_dispatch = "ragged"
+  assert engine.decode_moe_config(engine.freeze(m), 64).moe_dispatch == "ragged"
 
 
 def test_small_batch_decode_path_equals_recompute(setup, reference_logits):

@@ -7,7 +7,7 @@ Only attention differs from the training forward: it runs in DeepSeek-V3's absor
 (`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries, scanned over the layer
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies), and, once a step's
-tokens * top-k reach the expert count, MoE layers run every expert densely (`k25jax.sample.experts`).
+tokens * top-k reach the expert count, MoE layers use the `dense` dispatch (`decode_moe_config`).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -35,9 +35,8 @@ from k25jax.configs.validate import validate
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
-from k25jax.model.moe import MoE
+from k25jax.model.moe import MoE, resolve_dispatch
 from k25jax.model import rope
-from k25jax.sample import experts
 from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
 from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
 
@@ -108,18 +107,15 @@ def _stacks(m) -> list[tuple[str, bool, int, int]]:
 
 def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> list[dict]:
   """Per-layer parameters for decode steps, sliced out of the stacks once per generate call (a scan would
-  dynamic-slice, i.e. copy, every weight at every step), with each layer's feed-forward: `experts.moe_decode`
-  for MoE layers when `experts.use_dense_decode`, else the model's own `MoE` / `SwiGLU`."""
-  dense_moe = experts.use_dense_decode(m_step, batch)
+  dynamic-slice, i.e. copy, every weight at every step), with each layer's feed-forward (`MoE` with the dispatch
+  of `decode_moe_config`, or `SwiGLU`)."""
   valid = jnp.ones((batch, 1), bool)
   layers = []
   for name, use_moe, _, count in _stacks(m_step):
     for j in range(count):
       lp = jax.tree.map(lambda a: a[j], params[name])
       ls = jax.tree.map(lambda a: a[j], moe_state[name]) if use_moe else {}
-      ffn = (functools.partial(experts.moe_decode, m_step, lp["mlp"], ls["mlp"]) if use_moe and dense_moe
-             else _model_ffn(m_step, use_moe, lp, ls, valid))
-      layers.append(dict(lp=lp, ffn=ffn))
+      layers.append(dict(lp=lp, ffn=_model_ffn(m_step, use_moe, lp, ls, valid)))
   return layers
 
 
@@ -242,12 +238,19 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
 
 
 def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int) -> ml_collections.FrozenConfigDict:
-  """The model config for one-token decode steps: the `blocked` dispatch's tile shrinks to the next power of two
-  >= batch * top-k / experts (capped by `moe_block_size`). Tiling never changes results, only the padding waste,
-  which at decode (batch * top-k rows against E * (block - 1) padding) would otherwise dominate."""
+  """The model config for one-token decode steps of `batch` rows, for the single-device CPU dispatches
+  (`blocked` / `dense`; `ragged` and expert-parallel `ep` are kept). Once batch * top-k >= experts a step reads
+  about every expert's weights anyway, and `dense` reads each once, while `blocked` copies a weight tile per row
+  tile; below that, `blocked` with its tile shrunk to the next power of two >= batch * top-k / experts (capped by
+  `moe_block_size`). Neither choice changes results, only the work. Needs the mesh in context (`auto`)."""
+  if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
+    return m
+  if batch * m.num_experts_per_tok >= m.n_routed_experts:
+    return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "dense"})
   rows_per_expert = -(-batch * m.num_experts_per_tok // m.n_routed_experts)
   block = min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length())
-  return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_block_size": block})
+  return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "blocked",
+                                          "moe_block_size": block})
 
 
 @functools.lru_cache(maxsize=64)

@@ -79,7 +79,7 @@ def _time_interleaved(steps: dict, states: dict, batches: dict, reps: int) -> tu
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # The `small` tower narrowed to K2.5's vision/LM FLOP ratio per vision token (dep_flops.vision_lm_ratio: 0.055 vs
-# k25_full's 0.054; `small` itself is 1.29, 24x heavier, where even a perfect DEP is bounded near 0.6).
+# k25_full's 0.054; `small` itself is 1.29, 24x heavier, where even a perfect DEP is bounded near 0.72).
 K25_RATIO_VISION = "24,2,2,64"
 NOTE = ("fake CPU devices share the host's cores: times measure total work plus the fake-device overhead, not "
         "parallel speed-up; the host may be shared with other jobs (see load averages)")

@@ -24,12 +24,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from k25jax import sharding as shd
 from k25jax.configs import PRESETS, ConfigError, get_config, validate
 from k25jax.configs.cli import set_field
 from k25jax.configs.train import validate_trainer
 from k25jax.data.pipeline import batch_shardings
+from k25jax.train import dep as dep_lib
 from k25jax.train import state as state_lib
 from k25jax.train import step as step_lib
 
@@ -126,56 +128,178 @@ def per_device_bytes(abstract: Any, shardings: Any) -> int:
                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any], hbm_bytes: int | None = None
-                       ) -> dict[str, Any]:
-  """Lowers and compiles the full trainer step (`k25jax.train.step.make_train_step`: forward, backward, optimizer
-  update, QK-Clip, MoE bias update) for `devices`; returns the per-device memory report."""
+def _setup(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> dict[str, Any]:
+  """Validated config, mesh, model, abstract state (+ shardings, tx) and abstract global batch for `devices`."""
   config = copy.deepcopy(config)  # ConfigDict(config) would share the nested groups
   if config.model.moe_dispatch == "auto":  # `auto` would look at this host's backend (CPU), not the target's.
     config.model.moe_dispatch = "ep" if shd.mesh_shape(config.mesh, len(devices))[2] > 1 else "ragged"
   validate(config)
   validate_trainer(config)
   mesh = shd.make_mesh(config, devices)
-  model = state_lib.build_model(config)
-  batch = abstract_batch(config, mesh)
   # Parameters do not depend on the MoE dispatch; `init` traces a 1x8 dummy batch, which the `ep` dispatch cannot
   # split over a pod's batch shards, so the abstract state is traced with the (shape-identical) ragged dispatch.
   init_config = copy.deepcopy(config)
   init_config.model.moe_dispatch = "ragged"
   state, shardings, tx = state_lib.abstract_state(init_config, mesh, state_lib.build_model(init_config))
-  runner = step_lib.make_train_step(config, mesh, model, tx, shardings, media_pad_id=MEDIA_PAD_ID)
+  return dict(config=config, mesh=mesh, model=state_lib.build_model(config), state=state, shardings=shardings,
+              tx=tx, batch=abstract_batch(config, mesh))
 
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    lowered = runner.jitted.lower(state, batch)
-  t1 = time.perf_counter()
-  report: dict[str, Any] = dict(
-      preset=config.preset, optimizer=config.trainer.optimizer, mesh=dict(mesh.shape), rules=config.mesh.rules,
+
+def _state_report(s: dict[str, Any]) -> dict[str, Any]:
+  """The run's settings and the per-device bytes of the state, from its shard shapes."""
+  config, state, sh = s["config"], s["state"], s["shardings"]
+  return dict(
+      preset=config.preset, optimizer=config.trainer.optimizer, mesh=dict(s["mesh"].shape), rules=config.mesh.rules,
       global_batch=int(config.train.batch_size), seq_len=int(config.train.seq_len),
       remat_policy=config.model.remat_policy, moe_dispatch=config.model.moe_dispatch, dtype=config.model.dtype,
       param_dtype=config.model.param_dtype,
       num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
-      params_bytes=per_device_bytes(state["params"], shardings["params"]),
-      opt_state_bytes=per_device_bytes(state["opt_state"], shardings["opt_state"]),
-      moe_state_bytes=per_device_bytes(state["moe_state"], shardings["moe_state"]),
-      lower_s=round(t1 - t0, 2))
+      params_bytes=per_device_bytes(state["params"], sh["params"]),
+      opt_state_bytes=per_device_bytes(state["opt_state"], sh["opt_state"]),
+      moe_state_bytes=per_device_bytes(state["moe_state"], sh["moe_state"]))
+
+
+def _compile(lowered: Any) -> dict[str, Any]:
+  """Compiles a lowered program; its `memory_analysis()` bytes and compile time, or `fits: False` with the TPU
+  compiler's out-of-memory message (the answer, not a crash)."""
+  t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:  # the TPU compiler's out-of-memory error is the answer, not a crash
+  except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    report.update(fits=False, error=str(e).splitlines()[0][:2000], compile_s=round(time.perf_counter() - t1, 2))
-    return report
-  report["compile_s"] = round(time.perf_counter() - t1, 2)
+    return dict(fits=False, error=str(e).splitlines()[0][:2000], compile_s=round(time.perf_counter() - t0, 2))
   mem = compiled.memory_analysis()
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  report.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                generated_code_bytes=mem.generated_code_size_in_bytes, total_bytes=int(total),
-                total_gib=round(total / GIB, 2))
+  out = dict(compile_s=round(time.perf_counter() - t0, 2), argument_bytes=mem.argument_size_in_bytes,
+             output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+             temp_bytes=mem.temp_size_in_bytes, generated_code_bytes=mem.generated_code_size_in_bytes)
+  out["total_bytes"] = int(out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+                           + out["generated_code_bytes"])
+  return out
+
+
+def _fits(report: dict[str, Any], total: int, hbm_bytes: int | None) -> None:
+  report.update(total_bytes=int(total), total_gib=round(total / GIB, 2))
   if hbm_bytes is not None:
     report.update(hbm_bytes=int(hbm_bytes), hbm_gib=round(hbm_bytes / GIB, 2), fits=bool(total <= hbm_bytes))
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any], hbm_bytes: int | None = None
+                       ) -> dict[str, Any]:
+  """Lowers and compiles the full trainer step (`k25jax.train.step.make_train_step`: forward, backward, optimizer
+  update, QK-Clip, MoE bias update) for `devices`; returns the per-device memory report."""
+  s = _setup(config, devices)
+  runner = step_lib.make_train_step(s["config"], s["mesh"], s["model"], s["tx"], s["shardings"],
+                                    media_pad_id=MEDIA_PAD_ID)
+  t0 = time.perf_counter()
+  with jax.set_mesh(s["mesh"]):
+    lowered = runner.jitted.lower(s["state"], s["batch"])
+  report = dict(_state_report(s), lower_s=round(time.perf_counter() - t0, 2), **_compile(lowered))
+  if "total_bytes" in report:
+    _fits(report, report["total_bytes"], hbm_bytes)
+  return report
+
+
+def abstract_plan(mesh, device_patches: int, device_items: int, num_vision_slots: int, merge_kernel: int
+                  ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The device arrays of a DEP media plan (`balance.MediaPlan.device_arrays()`) as `ShapeDtypeStruct`s with the
+  DEP phases' shardings: per-device rows over all mesh devices, placeholder-order token maps replicated."""
+  d, pd, md, n = mesh.size, device_patches, device_items, num_vision_slots
+  per_device, replicated = NamedSharding(mesh, dep_lib.DEVICES), NamedSharding(mesh, P())
+  shapes = dict(patch_src=((d, pd), jnp.int32), patch_item_ids=((d, pd), jnp.int32),
+                item_grid=((d, md, 3), jnp.int32), item_valid=((d, md), jnp.bool_), token_src=((n,), jnp.int32),
+                token_dst=((d, pd // merge_kernel), jnp.int32), token_valid=((n,), jnp.bool_))
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated if k.startswith("token_") and k != "token_dst"
+                                  else per_device) for k, (shape, dtype) in shapes.items()}
+
+
+def tree_bytes(tree: Any) -> int:
+  """Per-device bytes of a tree of `ShapeDtypeStruct`s that carry their shardings."""
+  return per_device_bytes(tree, jax.tree.map(lambda a: a.sharding, tree))
+
+
+def full_bytes(tree: Any) -> int:
+  """Bytes of a tree of shaped leaves held whole (replicated) on every device."""
+  return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def compile_dep_step(config: ml_collections.ConfigDict, devices: Sequence[Any], hbm_bytes: int | None = None,
+                     device_patches: int | None = None, device_items: int | None = None) -> dict[str, Any]:
+  """Lowers and compiles the four programs of the DEP step (`k25jax.train.dep`, digest §7) for `devices`.
+
+  Phase 1 (`vision_forward`: balanced vision forward), phase 2 (`backbone`: LM forward + backward with the vision
+  tokens as an input), phase 3 (`vision_backward`: vision recompute + vjp) and the `update` run one after another
+  (`dep.make_dep_train_step`), so while a phase runs the device also holds the step's live arrays that the phase
+  does not take (`outside_bytes`): the rest of the state and the batch, the media plan, and the earlier phases'
+  results the step still holds (phase 1's vision tokens; phase 2's LM gradients and vision cotangent). A phase's
+  `total_bytes` = its program's bytes (arguments + outputs - aliased + temporaries + code) + `outside_bytes`;
+  the step fits when every phase fits.
+
+  The media plan has fixed budgets of `device_patches` patch and `device_items` item slots per device (default:
+  twice the balanced mean patch load, so LPT places any item of up to the mean; at run time
+  `balance.plan_media(fit=True)` sizes them per step, never above the budget).
+  """
+  s = _setup(config, devices)
+  config, mesh, state, batch = s["config"], s["mesh"], s["state"], s["batch"]
+  kh, kw = (int(k) for k in config.model.vision.merge_kernel_size)
+  k = kh * kw
+  num_patches, num_items = batch["patches"].shape[0], batch["item_grid"].shape[0]
+  device_patches = device_patches or 2 * k * math.ceil(num_patches / (mesh.size * k))
+  device_items = device_items or min(num_items, device_patches // k)
+  runner = dep_lib.make_dep_train_step(config, mesh, s["model"], s["tx"], s["shardings"],
+                                       media_pad_id=MEDIA_PAD_ID, device_patch_budget=device_patches,
+                                       device_max_items=device_items)
+  plan = abstract_plan(mesh, device_patches, device_items, num_patches // k, k)
+  vparams = {name: state["params"][name] for name in dep_lib.VISION_KEYS}
+  lm = {"language_model": state["params"]["language_model"]}
+  text = {name: batch[name] for name in dep_lib.TEXT_KEYS}
+  report = dict(_state_report(s), dep=dict(device_patches=device_patches, device_items=device_items,
+                                           global_patches=num_patches, vision_tokens=num_patches // k,
+                                           vision_token_share=round(num_patches / k / batch["tokens"].size, 4)))
+  # Per-device bytes of every array the step holds between its programs (`dep.run_phases`).
+  live = dict(lm=tree_bytes(lm), vision=tree_bytes(vparams), moe_state=tree_bytes(state["moe_state"]),
+              opt_state=tree_bytes({n: state[n] for n in ("opt_state", "step")}), text=tree_bytes(text),
+              patches=tree_bytes(batch["patches"]), media=tree_bytes({n: batch[n] for n in dep_lib.MEDIA_KEYS}),
+              plan=tree_bytes(plan))
+  phases: dict[str, dict[str, Any]] = {}
+
+  def compile_phase(name: str, args: tuple, held: Sequence[str], taken: Sequence[str]) -> Any:
+    """Compiles phase `name`; `held` names the live arrays, `taken` those among them it takes as arguments.
+    Returns the abstract outputs for the next phases."""
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      lowered = runner.phases[name].lower(*args)
+    rep = dict(lower_s=round(time.perf_counter() - t0, 2), **_compile(lowered))
+    rep["outside_bytes"] = sum(live[n] for n in held if n not in taken)
+    if "total_bytes" in rep:
+      rep["program_bytes"] = rep.pop("total_bytes")
+      _fits(rep, rep["program_bytes"] + rep["outside_bytes"], hbm_bytes)
+    phases[name] = rep
+    return lowered.out_info
+
+  step_arrays = ("lm", "vision", "moe_state", "opt_state", "text", "patches", "media")
+  held = step_arrays + ("plan",)
+  vis = compile_phase("vision_forward", (vparams, batch["patches"], plan), held, ("vision", "patches", "plan"))
+  live["vision_tokens"] = full_bytes(vis)  # replicated (`dep.make_dep_train_step`)
+  held += ("vision_tokens",)
+  loss, metrics, aux, g_lm, ct = compile_phase(
+      "backbone", (lm, state["moe_state"], text, vis, plan["token_valid"]), held,
+      ("lm", "moe_state", "text", "vision_tokens"))  # the plan's small token_valid is counted outside
+  live.update(lm_grads=live["lm"], cotangent=full_bytes(ct), scalars=full_bytes((loss, metrics, aux)))
+  held += ("lm_grads", "cotangent", "scalars")
+  g_vision = compile_phase("vision_backward", (vparams, batch["patches"], plan, ct), held,
+                           ("vision", "patches", "plan", "cotangent"))
+  live["vision_grads"] = live["vision"]
+  compile_phase("update", (state, {**g_lm, **g_vision}, loss, metrics, aux, text),
+                step_arrays + ("lm_grads", "vision_grads", "scalars"),
+                ("lm", "vision", "moe_state", "opt_state", "lm_grads", "vision_grads", "scalars", "text"))
+  report["phases"] = phases
+  report["compile_s"] = round(sum(p["compile_s"] for p in phases.values()), 2)
+  peaks = [p.get("total_bytes") for p in phases.values()]
+  if None in peaks:
+    report["fits"] = False
+  else:
+    _fits(report, max(peaks), hbm_bytes)
   return report
 
 
@@ -198,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--chips_per_host", default="2,2,1", help="host bounds of the topology (chips)")
   parser.add_argument("--num_slices", type=int, default=1)
   parser.add_argument("--hbm_gib", type=float, help="HBM per chip in GiB (default from the generation)")
+  parser.add_argument("--dep_patches", type=int, help="with --config.dep=True: DEP patch slots per device "
+                      "(default twice the balanced mean)")
+  parser.add_argument("--dep_items", type=int, help="with --config.dep=True: DEP media item slots per device")
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -213,7 +340,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config.train.seq_len = args.seq
   devices, topo = topology_devices(args.topology, [int(c) for c in args.chips_per_host.split(",")],
                                    args.num_slices)
-  report = dict(topology=topo, **compile_train_step(config, devices, hbm_per_device(topo, args.hbm_gib)))
+  hbm = hbm_per_device(topo, args.hbm_gib)
+  if config.dep:
+    report = compile_dep_step(config, devices, hbm, args.dep_patches, args.dep_items)
+  else:
+    report = compile_train_step(config, devices, hbm)
+  report = dict(topology=topo, **report)
   print(json.dumps(report, indent=1))
   return report
 

@@ -27,8 +27,9 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(BIN)/python -m experiments.early_fusion --workdir out/early_fusion
 
+# k25jax.runtime runs the suite under jemalloc when installed (installed by `data` as root; k25jax/runtime.py).
 test: $(STAMP) $(AOT_STAMP) data
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m k25jax.runtime $(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 # Performance figures quoted in the README (each benchmark writes one JSON file).
 bench: $(STAMP) data

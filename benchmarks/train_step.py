@@ -166,4 +166,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from k25jax.runtime import use_caching_allocator
+  use_caching_allocator()
   main()

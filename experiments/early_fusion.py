@@ -203,6 +203,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  from k25jax.runtime import use_caching_allocator
+  use_caching_allocator()
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", os.path.abspath(__file__), "Experiment config (get_config in this "

@@ -137,4 +137,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from k25jax.runtime import use_caching_allocator
+  use_caching_allocator()
   main(sys.argv[1:])

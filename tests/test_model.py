@@ -203,9 +203,10 @@ def _naive_moe(x, idx, w, wg, wu, wd):
   return y
 
 
-@pytest.mark.parametrize("name,block", [("ragged", 0), ("dense", 0), ("blocked", 1), ("blocked", 3),
-                                        ("blocked", 64)])
-def test_dispatch_equals_per_token_loop(name, block):
+# blocked: (min block, max chunk) from one chunk size (1, 1) to several chunks of several sizes per group.
+@pytest.mark.parametrize("name,block,max_block", [("ragged", 0, 0), ("dense", 0, 0), ("blocked", 1, 1),
+                                                  ("blocked", 3, 24), ("blocked", 4, 8), ("blocked", 64, 512)])
+def test_dispatch_equals_per_token_loop(name, block, max_block):
   rng = np.random.default_rng(0)
   t, d, f, e, k = 37, 16, 8, 6, 2
   x = rng.standard_normal((t, d)).astype(np.float32)
@@ -214,25 +215,71 @@ def test_dispatch_equals_per_token_loop(name, block):
   w = rng.random((t, k)).astype(np.float32)
   wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32) * 0.3
   wd = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
-  fn = moe_lib.get_dispatch(name, block) if block else moe_lib.get_dispatch(name)
+  fn = moe_lib.get_dispatch(name, block, max_block) if block else moe_lib.get_dispatch(name)
   got = jax.jit(fn)(x, idx, w, wg, wu, wd)
   np.testing.assert_allclose(got, _naive_moe(x, idx, w, wg, wu, wd), atol=1e-4, rtol=1e-4)
 
 
-def test_dispatch_gradients_agree():
-  rng = np.random.default_rng(1)
-  t, d, f, e, k = 24, 8, 8, 4, 2
+def _dispatch_problem(seed, t=24, d=8, f=6, e=4, k=2):
+  rng = np.random.default_rng(seed)
   x = jnp.float32(rng.standard_normal((t, d)))
   idx = jnp.int32(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]))
   w = jnp.float32(rng.random((t, k)))
   ws = [jnp.float32(rng.standard_normal(s) * 0.3) for s in ((e, d, f), (e, d, f), (e, f, d))]
-  grads = {}
-  for name in ("ragged", "blocked", "dense"):
-    fn = moe_lib.get_dispatch(name, 4)
-    grads[name] = jax.grad(lambda x, w, *ws: jnp.sum(fn(x, idx, w, *ws) ** 2), argnums=(0, 1, 2, 3, 4))(x, w, *ws)
+  return x, idx, w, ws
+
+
+def _value_and_grads(fn, x, idx, w, ws):
+  loss = lambda x, w, *ws: jnp.sum(jnp.sin(fn(x, idx, w, *ws)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
+
+
+@pytest.mark.parametrize("block,max_block", [(1, 1), (2, 16), (4, 512)])
+def test_dispatch_gradients_agree(block, max_block):
+  x, idx, w, ws = _dispatch_problem(1)
+  ref = _value_and_grads(moe_lib.get_dispatch("ragged"), x, idx, w, ws)
   for name in ("blocked", "dense"):
-    for a, b in zip(grads["ragged"], grads[name]):
+    got = _value_and_grads(moe_lib.get_dispatch(name, block, max_block), x, idx, w, ws)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_chunks_cover_each_group_exactly_once():
+  """The chunk plan of the blocked dispatch tiles every expert's padded group with no gap and no overlap."""
+  from k25jax.model import grouped
+  rng = np.random.default_rng(2)
+  e, block = 7, 4
+  idx = jnp.int32(np.stack([rng.choice(e, 3, replace=False) for _ in range(50)]))
+  idx = idx.at[:30, 0].set(5)                                            # one long group: several big chunks
+  lay = grouped.layout(idx, e, block)
+  sizes = grouped.chunk_sizes(block, 16)
+  covered = np.full(grouped.num_slots(idx.size, e, block), -1)
+  for size, (starts, experts, count) in zip(sizes, grouped.chunk_plan(lay, idx.size, sizes)):
+    for start, expert in zip(np.asarray(starts)[:int(count)], np.asarray(experts)[:int(count)]):
+      assert np.all(covered[start:start + size] == -1), "chunks overlap"
+      covered[start:start + size] = expert
+  for expert, (off, n) in enumerate(zip(np.asarray(lay.offsets), np.asarray(lay.padded))):
+    assert np.all(covered[off:off + n] == expert)
+  assert (covered >= 0).sum() == int(np.asarray(lay.padded).sum())
+  assert np.array_equal(np.bincount(np.asarray(idx).ravel(), minlength=e), np.asarray(lay.sizes))
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, expert=1, tensor=1),
+                                      dict(data=2, fsdp=2, expert=1, tensor=2)], ids=("8x1x1x1", "2x2x1x2"))
+def test_data_local_dispatch_equals_global(mesh_cfg):
+  """Under a mesh the token-local dispatches run per device (weights split over tensor); values and gradients
+  equal the single-device call."""
+  x, idx, w, ws = _dispatch_problem(3, t=32)
+  c = tiny()
+  c.mesh.update(**mesh_cfg)
+  mesh = shd.make_mesh(c)
+  for name in ("blocked", "ragged", "dense"):
+    fn = moe_lib.get_dispatch(name, 2, 8)
+    ref = _value_and_grads(fn, x, idx, w, ws)
+    with jax.set_mesh(mesh):
+      got = _value_and_grads(fn, jax.device_put(x, shd.batch_sharding(mesh)), idx, w, ws)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- whole model

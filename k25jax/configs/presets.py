@@ -49,7 +49,8 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       # Execution.
       dtype="float32", param_dtype="float32",
       moe_dispatch="auto",           # auto | ragged | blocked | dense | ep
-      moe_block_size=64,             # rows per tile of the `blocked` dispatch
+      moe_block_size=64,             # `blocked` dispatch: expert groups are padded to whole blocks of this many rows
+      moe_max_block_size=512,        # ... and computed in chunks of block * 2^j rows up to this many
       remat_policy="none",           # none | full | dots | dots_no_batch
       initializer_range=0.02,
   )

@@ -52,6 +52,8 @@ def validate_model(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
          f"model.dtype={m.dtype!r} / param_dtype={m.param_dtype!r}: choose from {DTYPES}")
   _check(m.moe_dispatch in DISPATCHES, f"model.moe_dispatch={m.moe_dispatch!r}: choose from {DISPATCHES}")
   _check(m.moe_block_size >= 1, f"model.moe_block_size={m.moe_block_size} must be >= 1")
+  _check(m.moe_max_block_size >= m.moe_block_size,
+         f"model.moe_max_block_size={m.moe_max_block_size} must be >= moe_block_size={m.moe_block_size}")
   _check(m.remat_policy in REMAT_POLICIES,
          f"model.remat_policy={m.remat_policy!r}: choose from {REMAT_POLICIES}")
   _check(m.rope_scaling.type in ROPE_TYPES,

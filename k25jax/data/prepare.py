@@ -15,7 +15,8 @@ import sys
 
 from k25jax.data.sources import fashion_mnist, shakespeare
 
-APT_PACKAGES = ("dataset-fashion-mnist", "fonts-dejavu-core")
+# libjemalloc2: the caching allocator every entry point runs under (k25jax/runtime.py).
+APT_PACKAGES = ("dataset-fashion-mnist", "fonts-dejavu-core", "libjemalloc2")
 
 
 def _installed(package: str) -> bool:

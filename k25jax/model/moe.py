@@ -8,11 +8,15 @@
 The correction bias lives in the `moe_state` collection and is moved outside the gradient by the DeepSeek-V3
 sign rule (`update_correction_bias`). Expert compute has four interchangeable dispatches with equal results:
   ragged   sort assignments by expert + `jax.lax.ragged_dot` (the TPU/GPU path; dropless)
-  blocked  sort + pad each expert's group to tiles of `moe_block_size` rows, one batched matmul over tiles with
-           each tile's expert weights gathered (dropless; fast on CPU, where ragged_dot is slow)
+  blocked  sort into expert groups padded to `moe_block_size` rows, then whole-expert matmuls over chunks of up to
+           `moe_max_block_size` rows in loops that visit only the chunks present (`k25jax.model.grouped`; dropless;
+           the CPU path, where ragged_dot is slow)
   dense    every expert on every token, combined by the routing weights (simple reference; E/k times the FLOPs)
   ep       expert parallelism over the `expert` mesh axis in `jax.shard_map`: tokens are all-gathered along the
            axis, each device runs its local experts (ragged), and outputs are reduce-scattered back (dropless).
+Under a mesh, `ragged`, `blocked` and `dense` run data-locally (`_data_local`): each device routes its own tokens
+with the expert weights gathered, split over `tensor` on the expert width, as MaxText's sparse matmul does; a
+global sort would replicate the whole batch's expert work on every device.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from k25jax.model import grouped
 from k25jax.model.layers import SwiGLU, dtype_of
 from k25jax.sharding import BATCH_AXES
 
@@ -109,26 +114,10 @@ def dispatch_ragged(x, idx, w, wg, wu, wd):
   return _combine(ragged_ffn(x[token_of], sizes, wg, wu, wd), order, w, x.dtype)
 
 
-def dispatch_blocked(x, idx, w, wg, wu, wd, block: int):
-  """Sort, pad every expert group to whole tiles of `block` rows, one batched matmul per projection.
-
-  The tile count is the static bound floor((T k + E (block-1)) / block), so shapes are static and nothing drops.
-  """
-  e = wg.shape[0]
-  order, token_of, sorted_exp, sizes = _sort_assignments(idx, e)
-  rows = idx.size
-  padded = (sizes + block - 1) // block * block
-  padded_end = jnp.cumsum(padded)
-  rank = jnp.arange(rows, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_exp]
-  dest = (padded_end - padded)[sorted_exp] + rank
-  n_tiles = (rows + e * (block - 1)) // block
-  xs = jnp.zeros((n_tiles * block, x.shape[-1]), x.dtype).at[dest].set(x[token_of])
-  tile_exp = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * block, side="right"), e - 1)
-  xt = xs.reshape(n_tiles, block, -1)
-  g = jnp.einsum("nbd,ndf->nbf", xt, wg[tile_exp])
-  u = jnp.einsum("nbd,ndf->nbf", xt, wu[tile_exp])
-  out = jnp.einsum("nbf,nfd->nbd", _swiglu(g, u).astype(x.dtype), wd[tile_exp]).reshape(n_tiles * block, -1)
-  return _combine(out[dest], order, w, x.dtype)
+def dispatch_blocked(x, idx, w, wg, wu, wd, block: int, max_block: int):
+  """Dropless grouped matmuls over expert-sorted rows (`k25jax.model.grouped`): each expert's group padded to
+  `block` rows, computed in whole-expert chunks of up to `max_block` rows, only the chunks present."""
+  return grouped.grouped_moe(x, idx, w, wg, wu, wd, block=block, max_block=max_block)
 
 
 def dispatch_dense(x, idx, w, wg, wu, wd):
@@ -179,10 +168,31 @@ def resolve_dispatch(name: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
-def get_dispatch(name: str, block: int = 64) -> Callable:
+def _data_local(fn: Callable) -> Callable:
+  """Runs a token-local dispatch on each device's own tokens (`jax.shard_map` over the batch axes) with the expert
+  weights gathered and split over `tensor` on the expert width (the partial outputs are summed over `tensor`).
+  Without a context mesh, or on one device, it is `fn` itself."""
+
+  def run(x, idx, w, wg, wu, wd):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return fn(x, idx, w, wg, wu, wd)
+    tok = P(BATCH_AXES, None)
+    local = lambda *a: jax.lax.psum(fn(*a), "tensor")
+    return jax.shard_map(local, in_specs=(tok, tok, tok, P(None, None, "tensor"), P(None, None, "tensor"),
+                                          P(None, "tensor", None)),
+                         out_specs=tok, check_vma=False)(x, idx, w, wg, wu, wd)
+
+  return run
+
+
+def get_dispatch(name: str, block: int = 64, max_block: int = 512) -> Callable:
   name = resolve_dispatch(name)
-  return {"ragged": dispatch_ragged, "dense": dispatch_dense, "ep": dispatch_ep,
-          "blocked": functools.partial(dispatch_blocked, block=block)}[name]
+  if name == "ep":
+    return dispatch_ep
+  fn = {"ragged": dispatch_ragged, "dense": dispatch_dense,
+        "blocked": functools.partial(dispatch_blocked, block=block, max_block=max_block)}[name]
+  return _data_local(fn)
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -221,7 +231,7 @@ class MoE(nn.Module):
         for name, names, shape in (("gate_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
                                    ("up_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
                                    ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d)))}
-    dispatch = get_dispatch(m.moe_dispatch, m.moe_block_size)
+    dispatch = get_dispatch(m.moe_dispatch, m.moe_block_size, m.moe_max_block_size)
     y = dispatch(x2.astype(dt), idx, w, experts["gate_proj"], experts["up_proj"], experts["down_proj"])
     y = y.reshape(b, l, d)
     if m.n_shared_experts:

@@ -37,4 +37,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from k25jax.runtime import use_caching_allocator
+  use_caching_allocator()
   app.run(main)

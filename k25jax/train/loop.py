@@ -305,6 +305,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  from k25jax.runtime import use_caching_allocator
+  use_caching_allocator()
   from absl import app, flags
   from k25jax.configs import cli
   cli.define_config_flag("k25jax/configs/presets.py:tiny")

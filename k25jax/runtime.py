@@ -1,0 +1,61 @@
+"""Process setup for CPU hosts: run under a caching memory allocator (jemalloc) instead of glibc's malloc.
+
+XLA:CPU allocates an executable's buffers on every call. glibc serves requests above its mmap threshold (at most
+32 MiB) with fresh `mmap`s and returns them on free, so each train step page-faults its temporaries in again. On
+the project's 2-core machine a `small` forward+backward took 167k minor faults and 0.43 s of kernel time per call,
+about 30% of its CPU time; under jemalloc with page decay off (freed pages stay mapped for reuse) the same call
+took under 200 faults and ran 1.46x faster. TPU VM images preload tcmalloc for the same reason.
+
+Entry points call `use_caching_allocator()` first: it re-executes the process once with jemalloc in
+`LD_PRELOAD` when Debian's `libjemalloc2` is installed (`make data` installs it as root). `K25JAX_ALLOCATOR=system`
+keeps glibc. `python -m k25jax.runtime CMD ...` runs any command (the test suite, say) the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+
+LIBRARY = "jemalloc"
+# Keep freed pages mapped (no decay to the OS) so the next step reuses them without page faults.
+MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+_ENV_SWITCH = "K25JAX_ALLOCATOR"
+
+
+def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+  """The environment that preloads jemalloc, or None when it is off, missing or already preloaded."""
+  env = dict(os.environ if environ is None else environ)
+  if env.get(_ENV_SWITCH) == "system" or LIBRARY in env.get("LD_PRELOAD", ""):
+    return None
+  path = ctypes.util.find_library(LIBRARY)
+  if path is None:
+    return None
+  env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+  env["MALLOC_CONF"] = env.get("MALLOC_CONF") or MALLOC_CONF
+  return env
+
+
+def use_caching_allocator() -> None:
+  """Re-executes this process (same interpreter and arguments) with jemalloc preloaded, at most once."""
+  env = allocator_env()
+  if env is None:
+    if os.environ.get(_ENV_SWITCH) != "system" and LIBRARY not in os.environ.get("LD_PRELOAD", ""):
+      print("k25jax: jemalloc not found (Debian: apt-get install libjemalloc2); XLA:CPU steps run slower under "
+            "glibc malloc (k25jax/runtime.py)", file=sys.stderr)
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, env)
+
+
+def main(argv: list[str]) -> None:
+  """`python -m k25jax.runtime CMD [ARGS...]`: runs CMD with jemalloc preloaded when available."""
+  if not argv:
+    raise SystemExit("usage: python -m k25jax.runtime CMD [ARGS...]")
+  env = allocator_env() or dict(os.environ)
+  os.execvpe(argv[0], argv, env)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

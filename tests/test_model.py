@@ -105,6 +105,31 @@ def test_max_logit_is_max_of_valid_pre_softmax_logits():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 5, 8])
+def test_causal_query_blocks_equal_one_block(block):
+  """Query blocks that skip later-slot keys give the same outputs, max logits and gradients on packed rows."""
+  c = tiny()
+  v = init_params(c)
+  p = jax.tree.map(lambda a: a[0], v["params"]["dense_layers"]["self_attn"])
+  x = jax.random.normal(jax.random.key(3), (2, 16, c.model.hidden_size)) * 2
+  seg = jnp.int32([[1] * 7 + [2] * 6 + [0] * 3, [1] * 16])                # two packed segments + padding
+  pos = jnp.int32([list(range(7)) + list(range(6)) + [0] * 3, list(range(16))])
+
+  def run(q_block):
+    m = c.model.copy_and_resolve_references()
+    m.attention_q_block = q_block
+    f = lambda p, x: MLA(freeze(m)).apply({"params": p}, x, pos, seg)
+    (out, mx), vjp = jax.vjp(f, p, x)
+    return out, mx, vjp((jnp.cos(out) * (seg > 0)[..., None], jnp.zeros_like(mx)))
+
+  ref, blocked = run(0), run(block)
+  valid = np.asarray(seg > 0)
+  np.testing.assert_allclose(np.asarray(blocked[0])[valid], np.asarray(ref[0])[valid], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(blocked[1], ref[1], atol=1e-6)
+  for a, b in zip(jax.tree.leaves(blocked[2]), jax.tree.leaves(ref[2])):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_yarn_matches_transformers():
   transformers = pytest.importorskip("transformers")
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

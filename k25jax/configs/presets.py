@@ -52,6 +52,8 @@ def model_config(name: str) -> ml_collections.ConfigDict:
       moe_block_size=64,             # `blocked` dispatch: expert groups are padded to whole blocks of this many rows
       moe_max_block_size=512,        # ... and computed in chunks of block * 2^j rows up to this many
       remat_policy="none",           # none | full | dots | dots_no_batch
+      attention_q_block=128,         # causal query blocks of MLA (k25jax/model/mla.py); 0 = one block
+      scan_unroll=1,                 # layers per iteration of the scanned layer stacks (1 = rolled)
       initializer_range=0.02,
   )
   if name == "tiny":
@@ -68,6 +70,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
         q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, routed_scaling_factor=2.827,
         rope_theta=50000.0, max_position_embeddings=4096, rope_scaling=_no_rope_scaling())
+    # Three MoE layers: unrolled, the backward reads each layer's residuals in place instead of from a
+    # stacked copy; deep stacks stay rolled so compile time does not grow with depth.
+    common.update(scan_unroll=3)
   elif name == "k25_full":
     m = dict(
         vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,

@@ -54,6 +54,8 @@ def validate_model(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict
   _check(m.moe_block_size >= 1, f"model.moe_block_size={m.moe_block_size} must be >= 1")
   _check(m.moe_max_block_size >= m.moe_block_size,
          f"model.moe_max_block_size={m.moe_max_block_size} must be >= moe_block_size={m.moe_block_size}")
+  _check(m.attention_q_block >= 0, f"model.attention_q_block={m.attention_q_block} must be >= 0 (0 = one block)")
+  _check(m.scan_unroll >= 1, f"model.scan_unroll={m.scan_unroll} must be >= 1 (1 = a rolled scan)")
   _check(m.remat_policy in REMAT_POLICIES,
          f"model.remat_policy={m.remat_policy!r}: choose from {REMAT_POLICIES}")
   _check(m.rope_scaling.type in ROPE_TYPES,

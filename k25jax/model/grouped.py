@@ -10,7 +10,9 @@ static while the work follows the routing: the loops skip the empty tiles a stat
 per-tile copy of the weights is made, and most rows go through large matmuls, which XLA:CPU runs near its peak
 (a 512-row tile of the `small` model runs ~2x faster per row than a 64-row one on this machine).
 
-The backward is written out (`jax.custom_vjp`): it keeps only the sorted rows and the gate/up pre-activations,
+The routing weight of each slot scales its activations before the down projection (linear, so this equals
+weighting the expert's output), and a token's output is then the plain sum of its k slots. The backward is written
+out (`jax.custom_vjp`): it keeps only the slot rows, their routing weights and the gate/up pre-activations,
 recomputes nothing, accumulates the weight gradients per chunk in f32, and moves rows between token order and
 slot order with gathers in both directions (no scatter-add).
 """
@@ -86,41 +88,24 @@ def chunk_plan(lay: Layout, rows: int, sizes: tuple[int, ...]) -> tuple[tuple[ja
 
 
 # --------------------------------------------------------------------------------------------- row movement
+# to_slots and to_tokens are each other's transpose, so each one's VJP is the other: gathers both ways.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def to_slots(x: jax.Array, slot_src: jax.Array, dest: jax.Array, k: int) -> jax.Array:
-  """Token rows x [T, D] -> slot rows [S, D] (padding slots are zero)."""
+  """Token rows x [T, D] -> slot rows [S, D]: each slot holds its assignment's token row (padding slots 0)."""
   padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
   return padded[jnp.minimum(slot_src // k, x.shape[0])]
 
 
-def _to_slots_fwd(x, slot_src, dest, k):
-  return to_slots(x, slot_src, dest, k), (dest, x.shape[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def to_tokens(ys: jax.Array, slot_src: jax.Array, dest: jax.Array, k: int) -> jax.Array:
+  """Slot rows [S, D] -> token rows [T, D]: each token sums the slots of its k assignments."""
+  return ys[dest].reshape(dest.shape[0] // k, k, -1).sum(1)
 
 
-def _to_slots_bwd(k, res, g):
-  dest, t = res
-  return g[dest].reshape(t, k, -1).sum(1), None, None
-
-
-to_slots.defvjp(_to_slots_fwd, _to_slots_bwd)
-
-
-@jax.custom_vjp
-def from_slots(ys: jax.Array, slot_src: jax.Array, dest: jax.Array) -> jax.Array:
-  """Slot rows [S, D] -> assignment rows [T*k, D] (token-major)."""
-  return ys[dest]
-
-
-def _from_slots_fwd(ys, slot_src, dest):
-  return ys[dest], slot_src
-
-
-def _from_slots_bwd(slot_src, g):
-  padded = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)])
-  return padded[slot_src], None, None
-
-
-from_slots.defvjp(_from_slots_fwd, _from_slots_bwd)
+to_slots.defvjp(lambda x, s, d, k: (to_slots(x, s, d, k), (s, d)),
+                lambda k, res, g: (to_tokens(g, *res, k), None, None))
+to_tokens.defvjp(lambda y, s, d, k: (to_tokens(y, s, d, k), (s, d)),
+                 lambda k, res, g: (to_slots(g, *res, k), None, None))
 
 
 # --------------------------------------------------------------------------------------------- expert FFN
@@ -140,15 +125,14 @@ def _chunk_loops(sizes, plans, body, carry):
   return carry
 
 
-def _forward(sizes, xs, plans, wg, wu, wd, keep):
-  f = wg.shape[-1]
-  empty = jnp.zeros((xs.shape[0], f), xs.dtype) if keep else None
+def _forward(sizes, xs, rw, plans, wg, wu, wd, keep):
+  empty = jnp.zeros((xs.shape[0], wg.shape[-1]), xs.dtype) if keep else None
 
   def body(size, start, e, carry):
     ys, gs, us = carry
-    x = _slice(xs, start, size)
+    x, r = _slice(xs, start, size), _slice(rw, start, size)[:, None]
     g, u = x @ wg[e], x @ wu[e]
-    ys = _put(ys, (jax.nn.silu(g) * u).astype(xs.dtype) @ wd[e], start)
+    ys = _put(ys, (jax.nn.silu(g) * u * r).astype(xs.dtype) @ wd[e], start)
     if keep:
       gs, us = _put(gs, g, start), _put(us, u, start)
     return ys, gs, us
@@ -157,37 +141,42 @@ def _forward(sizes, xs, plans, wg, wu, wd, keep):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def expert_ffn(sizes: tuple[int, ...], xs: jax.Array, plans, wg: jax.Array, wu: jax.Array, wd: jax.Array
-               ) -> jax.Array:
-  """SwiGLU of each slot row with its expert's weights (wg, wu [E, D, F], wd [E, F, D]); padding rows stay 0."""
-  return _forward(sizes, xs, plans, wg, wu, wd, keep=False)[0]
+def expert_ffn(sizes: tuple[int, ...], xs: jax.Array, rw: jax.Array, plans, wg: jax.Array, wu: jax.Array,
+               wd: jax.Array) -> jax.Array:
+  """rw[s] * SwiGLU_e(xs[s]) for every slot s of expert e's chunks (wg, wu [E, D, F], wd [E, F, D]; rw [S] f32
+  routing weights, 0 on padding). The weight scales the activations before the (linear) down projection."""
+  return _forward(sizes, xs, rw, plans, wg, wu, wd, keep=False)[0]
 
 
-def _expert_ffn_fwd(sizes, xs, plans, wg, wu, wd):
-  ys, gs, us = _forward(sizes, xs, plans, wg, wu, wd, keep=True)
-  return ys, (xs, plans, wg, wu, wd, gs, us)
+def _expert_ffn_fwd(sizes, xs, rw, plans, wg, wu, wd):
+  ys, gs, us = _forward(sizes, xs, rw, plans, wg, wu, wd, keep=True)
+  return ys, (xs, rw, plans, wg, wu, wd, gs, us)
 
 
 def _expert_ffn_bwd(sizes, res, dys):
-  xs, plans, wg, wu, wd, gs, us = res
+  xs, rw, plans, wg, wu, wd, gs, us = res
   f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
 
   def body(size, start, e, carry):
-    dxs, dwg, dwu, dwd = carry
+    dxs, drw, dwg, dwu, dwd = carry
     x, g, u, dy = (_slice(a, start, size) for a in (xs, gs, us, dys))
+    r = _slice(rw, start, size)[:, None]
     sig = jax.nn.sigmoid(g.astype(jnp.float32))
-    act = g * sig
-    dh = (dy @ wd[e].T).astype(jnp.float32)
+    h = g * sig * u                                               # the unweighted SwiGLU activations
+    dhr = (dy @ wd[e].T).astype(jnp.float32)                      # d(loss)/d(r h)
+    drw = _put(drw, jnp.sum(dhr * h, axis=-1), start)
+    dh = dhr * r
     dg = (dh * u * sig * (1 + g * (1 - sig))).astype(xs.dtype)
-    du = (dh * act).astype(xs.dtype)
+    du = (dh * g * sig).astype(xs.dtype)
     acc = lambda dw, upd: dw.at[e].add(upd.astype(jnp.float32))
-    dwd = acc(dwd, (act * u).astype(xs.dtype).T @ dy)
+    dwd = acc(dwd, (h * r).astype(xs.dtype).T @ dy)
     dwg, dwu = acc(dwg, x.T @ dg), acc(dwu, x.T @ du)
     dxs = _put(dxs, dg @ wg[e].T + du @ wu[e].T, start)
-    return dxs, dwg, dwu, dwd
+    return dxs, drw, dwg, dwu, dwd
 
-  dxs, dwg, dwu, dwd = _chunk_loops(sizes, plans, body, (jnp.zeros_like(xs), f32(wg), f32(wu), f32(wd)))
-  return dxs, None, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
+  carry = (jnp.zeros_like(xs), jnp.zeros_like(rw), f32(wg), f32(wu), f32(wd))
+  dxs, drw, dwg, dwu, dwd = _chunk_loops(sizes, plans, body, carry)
+  return dxs, drw, None, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
 
 
 expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
@@ -200,6 +189,6 @@ def grouped_moe(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: j
   sizes = chunk_sizes(block, min(max_block, num_slots(t * k, wg.shape[0], block)))
   lay = layout(idx, wg.shape[0], block)
   plans = chunk_plan(lay, t * k, sizes)
-  ys = expert_ffn(sizes, to_slots(x, lay.slot_src, lay.dest, k), plans, wg, wu, wd)
-  out = from_slots(ys, lay.slot_src, lay.dest).reshape(t, k, -1)
-  return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w).astype(x.dtype)
+  rw = jnp.concatenate([w.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])[lay.slot_src]
+  ys = expert_ffn(sizes, to_slots(x, lay.slot_src, lay.dest, k), rw, plans, wg, wu, wd)
+  return to_tokens(ys, lay.slot_src, lay.dest, k)

@@ -58,7 +58,7 @@ def layer_stack(m: ml_collections.FrozenConfigDict, use_moe: bool, length: int, 
   if m.remat_policy != "none":
     cls = nn.remat(cls, policy=REMAT_POLICIES[m.remat_policy], prevent_cse=False)
   scanned = nn.scan(cls, variable_axes={"params": 0, "moe_state": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=length,
+                    in_axes=(nn.broadcast, nn.broadcast), length=length, unroll=min(m.scan_unroll, length),
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return scanned(m, use_moe, name=name)
 

@@ -7,6 +7,11 @@
 
 Besides the output, the layer returns the per-head maximum pre-softmax logit over valid (unmasked) pairs, the
 S_max^h that QK-Clip needs (digest §8); computing it does not change the output.
+
+Training rows are slot-causal: packing places each segment's tokens in position order, so no query attends a key in
+a later slot. With `attention_q_block` = b > 0 the queries are split into blocks of b slots and block i attends only
+the keys of slots [0, (i+1) b): the pairs skipped are all masked, so outputs and max logits are unchanged, and
+about (n - 1) / 2n of the attention work is skipped for n blocks (e.g. 25% at n = 2).
 """
 
 from __future__ import annotations
@@ -45,6 +50,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   probs = jax.nn.softmax(jnp.where(m, logits, NEG_INF), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
   return out, jax.lax.stop_gradient(max_logit)
+
+
+def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                         scale: float, block: int) -> tuple[jax.Array, jax.Array]:
+  """`attend` over query blocks of `block` slots, each against the keys up to its last slot (module doc);
+  block <= 0 or >= the length is one block. Same outputs and max logits as the full masked attention on
+  slot-causal rows."""
+  length = q.shape[1]
+  block = length if block <= 0 else block
+  outs, max_logit = [], None
+  for start in range(0, length, block):
+    end = min(start + block, length)
+    mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], positions[:, start:end],
+                          positions[:, :end])
+    out, mx = attend(q[:, start:end], k[:, :end], v[:, :end], mask, scale)
+    outs.append(out)
+    max_logit = mx if max_logit is None else jnp.maximum(max_logit, mx)
+  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], max_logit
 
 
 class MLA(nn.Module):
@@ -102,7 +125,7 @@ class MLA(nn.Module):
     q = jnp.concatenate([q_nope, q_rot], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], (*k_rot.shape[:2], h, k_rot.shape[-1]))],
                         axis=-1)
-    mask = attention_mask(segment_ids, segment_ids, positions, positions)
-    out, max_logit = attend(q, k.astype(q.dtype), v, mask, rope.softmax_scale(m))
+    out, max_logit = attend_causal_blocks(q, k.astype(q.dtype), v, segment_ids, positions, rope.softmax_scale(m),
+                                          m.attention_q_block)
     out = out.reshape(*x.shape[:2], h * m.v_head_dim).astype(dtype_of(m.dtype))
     return self.o_proj(out), max_logit

@@ -84,10 +84,13 @@ def test_multimodal_chunked_vision_attention_cuts_temporaries(v5p8):
 
 def test_dep_step_compiles_per_phase_with_live_arrays(v5p8):
   """The DEP step (config.dep) compiles as its four programs; each phase's total adds the step's live arrays it
-  does not take to its program's bytes, and the abstract media plan has the shapes of a real plan."""
+  does not take to its program's bytes, and the abstract media plan has the shapes of a real plan. The tower runs
+  the chunked packed attention of `k25_full` (a scan inside phase 1's shard_map)."""
   devices, topo = v5p8
   hbm = aot.hbm_per_device(topo, None)
-  config = aot.load_config("tiny", ["dep=True", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "train.seq_len=16"])
+  config = aot.load_config("tiny", ["dep=True", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "train.seq_len=16",
+                                    "model.vision.attention_impl=chunked", "model.vision.attention_chunk=64",
+                                    "model.vision.max_item_patches=64"])
   report = aot.compile_dep_step(config, devices, hbm)
   d, k = 8, 4
   hosts = len({dev.process_index for dev in devices})  # 2 on v5p:2x2x2 (2x2x1 chips per host)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers as MDN
 
 from k25jax import sharding as shd
@@ -19,6 +20,7 @@ from k25jax.model import K2LM, text_inputs
 from k25jax.model.projector import PatchMergerProjector
 from k25jax.model.vision import MoonViT3D
 from k25jax.optim import make_optimizer, muon_dimension_numbers, qk_clip, weight_decay_mask, wsd_schedule
+from k25jax.optim.muon import orthogonalize
 from k25jax.train import simple
 from k25jax.train.loss import cross_entropy
 
@@ -374,3 +376,33 @@ def test_muonclip_trains_tiny_lm_on_a_sharded_mesh():
   assert float(metrics["qk_clip_fraction"]) == 0.0 and float(metrics["max_logit"]) < tau
   kernel = state["params"]["moe_layers"]["mlp"]["experts_up_proj"]
   assert kernel.sharding == shardings["params"]["moe_layers"]["mlp"]["experts_up_proj"]
+
+
+@pytest.mark.parametrize("shape, dims, spec", [
+    ((3, 4, 16, 24), MDN((2,), (3,)), P(None, "expert", "fsdp", "tensor")),  # routed experts
+    ((3, 16, 24), MDN((1,), (2,)), P(None, "tensor", "fsdp")),   # fewer matrices than devices
+    ((13, 16, 24), MDN((1,), (2,)), P(None, None, "fsdp")),      # spread over the replicas too
+    ((2, 3, 16, 24), MDN((1,), (2, 3)), P(None, None, "fsdp", "expert")),  # flattened out axes
+])
+def test_orthogonalize_in_the_parameter_layout_equals_unsharded(shape, dims, spec):
+  """`orthogonalize` under a mesh, in the parameter's own sharding (all-to-alls inside a shard_map), gives the
+  unsharded Newton-Schulz result and returns in that sharding."""
+  config = _config()
+  config.mesh.update(data=2, fsdp=2, expert=2, tensor=1)
+  mesh = shd.make_mesh(config)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  want = orthogonalize(x, dims, 5)
+  sharding = NamedSharding(mesh, spec)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda a: orthogonalize(a, dims, 5, spec=spec), in_shardings=sharding)(
+        jax.device_put(x, sharding))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  assert got.sharding.is_equivalent_to(sharding, len(shape))
+
+
+def test_muon_shardings_must_cover_every_matrix():
+  params = {"proj": {"kernel": jnp.zeros((8, 12))}, "other": {"kernel": jnp.zeros((8, 12))}}
+  mesh = shd.make_mesh(_config())
+  tx = make_optimizer(_config(), params, shardings={"proj": {"kernel": NamedSharding(mesh, P())}})
+  with pytest.raises(ValueError, match="no sharding for Muon parameter other/kernel"):
+    tx.update(params, tx.init(params), params)

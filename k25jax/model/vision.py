@@ -271,6 +271,9 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, *
 
   init = (jnp.zeros((nc, heads, c, hd), jnp.float32), jnp.full((nc, heads, c), neg, jnp.float32),
           jnp.zeros((nc, heads, c), jnp.float32))
+  vma = tuple(sorted(jax.typeof(qc).manual_axis_type.varying))  # shard_map axes q varies over (DEP phase 1)
+  if vma:  # the scan carry must vary over the same axes as the body's output
+    init = jax.lax.pcast(init, vma, to="varying")
   (acc, _, l), _ = jax.lax.scan(visit, init, windows)
   out = acc / jnp.where(l > 0, l, 1.0)[..., None]
   return out.transpose(0, 2, 1, 3).reshape(nc * c, heads, hd)[:p].astype(dt)

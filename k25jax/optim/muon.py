@@ -18,10 +18,11 @@ the fused vision `wqkv` [.., D, 3, heads, hd] keeps q, k and v apart (the 3-axis
 Sharding (`orthogonalize`): Newton-Schulz needs each matrix whole, but a parameter is FSDP-sharded on its matrix
 dimensions. optax's Muon vmaps over the sharded layout, so XLA computed X X^T for every stacked matrix at once with
 the contraction dimension sharded: for `k25_full` the routed experts alone made [60*384, 2048, 2048] f32 partial
-products, ~386 GB per device (launch/README.md). Here the stack of matrices is instead laid out as one batch axis,
-spread over every device of the context mesh (padded with zero matrices to a multiple of the device count), so each
-device orthogonalises whole matrices of its own (an all-to-all in, an all-to-all out; routed experts stay in their
-`expert` group). Without a context mesh
+products, ~386 GB per device (launch/README.md). A first fix let XLA move the stack into a matrices-over-devices
+layout with sharding constraints; on v5p:4x8x8 XLA then replicated whole stacks on the way back (k25_full's o_proj,
+[60, 8192, 7168] f32, 14 GB per device, twice). `orthogonalize` now does the layout change itself, in a
+`shard_map` over the parameter's own sharding (`make_optimizer(..., shardings)`): tiled all-to-alls give each device
+whole matrices of its own, and every buffer stays the size of the parameter's shard. Without a context mesh
 (`jax.set_mesh`) the stack is simply vmapped. The numerics are optax's `scale_by_muon` with Frobenius
 preconditioning and its default quintic coefficients.
 
@@ -127,45 +128,76 @@ def _axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
   return tuple(a % ndim for a in ((axes,) if isinstance(axes, int) else axes))
 
 
-def orthogonalize(x: jax.Array, dims: MuonDimensionNumbers, steps: int, eps: float = 1e-8) -> jax.Array:
-  """Newton-Schulz on every matrix of `x` (`dims`: reduction/output axes, the rest are batch axes), with the
-  matrices spread over the context mesh's devices (module doc, "Sharding").
+def _mesh_axes(spec: Any, ndim: int) -> list[tuple[str, ...]]:
+  """Mesh axes of each array axis under a `PartitionSpec` (trailing axes unsharded)."""
+  entries = tuple(spec) + (None,) * (ndim - len(spec))
+  return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries]
 
-  Batch axes are flattened innermost first: a layer stack is the outermost axis and never sharded (`layers` ->
-  None), while the innermost may be sharded on `expert` (routed experts, `exp` in `k25jax.sharding.RULES`). That
-  axis stays a separate leading dimension on `expert` when it divides, and the matrices within each expert group
-  are spread over the other mesh axes: the layout change is then an all-to-all inside each group; a layout XLA
-  cannot map onto the parameter's shards makes it all-gather the whole stack (measured: terabytes per device).
+
+def orthogonalize(x: jax.Array, dims: MuonDimensionNumbers, steps: int, eps: float = 1e-8,
+                  spec: Any = None) -> jax.Array:
+  """Newton-Schulz on every matrix of `x` (`dims`: reduction/output axes, the rest are batch axes), each matrix
+  whole on one device (module doc, "Sharding"). `spec`: the `PartitionSpec` `x` is sharded with on the context
+  mesh (the parameter's); None takes the stack replicated.
+
+  Under a context mesh the work is one `shard_map` over `x`'s own layout. On each device, the local stack of
+  (matrix shards) is padded with zero matrices (they stay zero) to a multiple of the devices that shard the matrix
+  dimensions, times the replicas when there are enough matrices to spread over them; each replica keeps its share
+  of the stack, and one tiled all-to-all per sharded matrix axis trades stack for whole matrices. Newton-Schulz
+  runs on those; the inverse all-to-alls and an all-gather over the replicas restore the layout. Every buffer is
+  the size of the parameter's shard up to that padding; batch axes sharded over the mesh (routed experts on
+  `expert`) stay local.
   """
   red, out = _axes(dims.reduction_axis, x.ndim), _axes(dims.output_axis, x.ndim)
-  batch = tuple(a for a in reversed(range(x.ndim)) if a not in red + out)
+  batch = tuple(a for a in range(x.ndim) if a not in red + out)
   perm = batch + red + out
-  shape = lambda axes: tuple(x.shape[a] for a in axes)
-  n, rows, cols = math.prod(shape(batch)), math.prod(shape(red)), math.prod(shape(out))
-  mesh = jax.sharding.get_abstract_mesh()
-  groups = dict(mesh.shape).get("expert", 1) if not mesh.empty else 1
-  groups = groups if batch and x.shape[batch[0]] % groups == 0 else 1
-  y = x.transpose(perm).reshape(groups, n // groups, rows, cols)
-  spread = not mesh.empty and mesh.size > 1
-  if spread:
-    lead = ("expert",) if groups > 1 else ()
-    rest = tuple(a for a in mesh.axis_names if a not in lead)
-    # Zero matrices (they stay zero) pad each group to a multiple of its devices, one more per device when it
-    # already divides: a pad is always there, and it stops XLA propagating this layout back into the momentum.
-    # Without it, on v5p:4x8x8 (fsdp=32, where 2880 matrices per group divide evenly) the compiled step held 256
-    # copies of each device's f32 expert stack: 16.05 TB of temporaries, vs 86 GB with it (launch/README.md).
-    per = mesh.size // groups
-    y = jnp.pad(y, ((0, 0), (0, (-(n // groups) % per) or per), (0, 0), (0, 0)))
-    y = jax.lax.with_sharding_constraint(y, P(lead or None, rest, None, None))
-  y = jax.vmap(jax.vmap(lambda m: newton_schulz(m, steps, eps)))(y)[:, :n // groups]
   inverse = tuple(sorted(range(x.ndim), key=perm.__getitem__))
-  return y.reshape(shape(batch) + shape(red) + shape(out)).transpose(inverse)
+  nb, nr = len(batch), len(red)
+  stack_ns = jax.vmap(lambda m: newton_schulz(m, steps, eps))
+  mesh = jax.sharding.get_abstract_mesh()
+  sharded = not mesh.empty and mesh.size > 1
+  sizes = dict(mesh.shape) if sharded else {}
+  axes = _mesh_axes(P() if spec is None or not sharded else spec, x.ndim)
+  if any(x.shape[d] % math.prod(sizes[a] for a in axes[d]) for d in range(x.ndim)):
+    axes = [()] * x.ndim   # uneven shards: take the stack replicated
+
+  def local(xl):
+    xt = xl.transpose(perm)
+    y = xt.reshape((-1,) + xt.shape[nb:])                    # [stack, *matrix axes]
+    n = y.shape[0]
+    mat = [(1 + i, tuple(a for a in axes[perm[nb + i]] if sizes[a] > 1)) for i in range(x.ndim - nb)]
+    mat = [(d, ax) for d, ax in mat if ax]                   # matrix axes sharded over the mesh
+    used = {a for _, ax in mat for a in ax} | {a for d in batch for a in axes[d]}
+    rep = tuple(a for a in sizes if a not in used and sizes[a] > 1)
+    k, r = math.prod(sizes[a] for _, ax in mat for a in ax), math.prod(sizes[a] for a in rep)
+    if n < k * r:  # too few matrices to give every replica one: replicas repeat the work
+      rep, r = (), 1
+    y = jnp.pad(y, [(0, -n % (k * r))] + [(0, 0)] * (y.ndim - 1))
+    if rep:  # replicas hold the same stack; each keeps its share
+      y = y.reshape(r, -1, *y.shape[1:])[jax.lax.axis_index(rep)]
+    for d, ax in mat:
+      y = jax.lax.all_to_all(y, ax, 0, d, tiled=True)
+    rows = math.prod(y.shape[1:1 + nr])
+    y = stack_ns(y.reshape(y.shape[0], rows, -1)).reshape(y.shape)
+    for d, ax in reversed(mat):
+      y = jax.lax.all_to_all(y, ax, d, 0, tiled=True)
+    if rep:
+      y = jax.lax.all_gather(y, rep, axis=0, tiled=True, to="invarying")
+    return y[:n].reshape(xt.shape).transpose(inverse)
+
+  if not sharded:
+    return local(x)
+  spec = P(*(ax or None for ax in axes))
+  return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(x)
 
 
-def scale_by_muon(steps: int, beta: float, nesterov: bool, consistent_rms: float, eps: float = 1e-8
-                  ) -> optax.GradientTransformation:
+def scale_by_muon(steps: int, beta: float, nesterov: bool, consistent_rms: float, eps: float = 1e-8,
+                  shardings: Any = None) -> optax.GradientTransformation:
   """optax's `contrib.scale_by_muon` + `scale_by_shape(consistent_rms)` (same state, `MuonState`) with the
-  sharding-aware `orthogonalize`. Leaves are the Muon subtree of `optax.partition` (others are `MaskedNode`s)."""
+  sharding-aware `orthogonalize`. Leaves are the Muon subtree of `optax.partition` (others are `MaskedNode`s).
+  `shardings`: the parameters' `NamedSharding`s (a tree like the params), the layouts `orthogonalize` works in."""
+  specs = {} if shardings is None else {_path_names(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda s: isinstance(s, jax.sharding.NamedSharding))[0]}
 
   def init(params):
     return MuonState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
@@ -183,18 +215,24 @@ def scale_by_muon(steps: int, beta: float, nesterov: bool, consistent_rms: float
     else:
       mu_hat = optax.tree.bias_correction(mu, beta, count)
 
-    def one(x, d):
+    def one(path, x, d):
       red, out = _axes(d.reduction_axis, x.ndim), _axes(d.output_axis, x.ndim)
       fan_in, fan_out = math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
-      return orthogonalize(x, d, steps, eps) * (consistent_rms * math.sqrt(max(fan_in, fan_out)))
+      names = _path_names(path)
+      if shardings is not None and names not in specs:
+        raise ValueError(f"scale_by_muon: no sharding for Muon parameter {'/'.join(names)}; pass `shardings` "
+                         "shaped like the params (e.g. `k25jax.train.state.abstract_state`'s)")
+      y = orthogonalize(x, d, steps, eps, spec=specs.get(names))
+      return y * (consistent_rms * math.sqrt(max(fan_in, fan_out)))
 
-    new = jax.tree.map(one, mu_hat, dims, is_leaf=lambda d: isinstance(d, MuonDimensionNumbers))
+    new = jax.tree_util.tree_map_with_path(one, mu_hat, dims)
     return new, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
 
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, shardings: Any = None
+                   ) -> optax.GradientTransformation:
   """MuonClip's update rule (digest §8, Algorithm 1 step 1) from `config.optim`, `config.train`.
 
   clip_by_global_norm(config.train.grad_clip) (skipped when <= 0), then
@@ -207,7 +245,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
   applied by the train step after the update.
 
   The AdamW leaves are routed to `optax.adamw` (weight decay masked) by `optax.partition`; the Muon chain only
-  ever sees Muon leaves.
+  ever sees Muon leaves. `shardings` (the parameters' `NamedSharding`s) let `orthogonalize` work in each
+  parameter's own layout; without them it takes the Muon stacks replicated (fine on small meshes only).
   """
   if "optim" not in config:
     raise ConfigError("config.optim is missing; attach one with "
@@ -222,7 +261,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
   if o.name == "adamw":
     tx = adamw(lr)
   else:
-    muon = optax.chain(scale_by_muon(int(o.ns_steps), o.momentum, bool(o.nesterov), o.consistent_rms),
+    muon = optax.chain(scale_by_muon(int(o.ns_steps), o.momentum, bool(o.nesterov), o.consistent_rms,
+                                     shardings=shardings),
                        optax.add_decayed_weights(o.weight_decay), optax.scale_by_learning_rate(lr))
     tx = optax.partition({"muon": muon, "adam": adamw(adam_lr)}, optimizer_labels(params))
   clip = config.train.grad_clip

@@ -44,15 +44,16 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, key: jax
   return model.init(key, x["tokens"], x["positions"], x["segment_ids"])
 
 
-def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-  """The optimizer: MuonClip from `k25jax.optim` (digest §8; WSD schedule and clipping inside), or AdamW.
+def make_tx(config: ml_collections.ConfigDict, params: Any, shardings: Any = None) -> optax.GradientTransformation:
+  """The optimizer: MuonClip from `k25jax.optim` (digest §8; WSD schedule and clipping inside; `shardings`, the
+  parameters' shardings, keep each Muon update in its parameter's layout), or AdamW.
 
   AdamW: global-norm clipping at `train.grad_clip`, then `optax.adamw(train.learning_rate, b1=0.9, b2=0.95,
   weight_decay=train.weight_decay)` (digest §8, Moonlight's AdamW settings).
   """
   if config.trainer.optimizer == "muonclip":
     from k25jax.optim import make_optimizer
-    return make_optimizer(config, params)
+    return make_optimizer(config, params, shardings)
   t = config.train
   return optax.chain(optax.clip_by_global_norm(t.grad_clip),
                      optax.adamw(t.learning_rate, b1=0.9, b2=0.95, weight_decay=t.weight_decay))
@@ -104,8 +105,8 @@ def abstract_state(config: ml_collections.ConfigDict, mesh, model: nn.Module | N
   rules = shd.get_rules(config)
   boxed = abstract_variables(config, model)
   params = shd.unbox(boxed["params"])
-  tx = make_tx(config, params)
   param_sh = shd.unbox(shd.tree_shardings(boxed["params"], mesh, rules))
+  tx = make_tx(config, params, param_sh)
   moe_sh = shd.unbox(shd.tree_shardings(boxed.get("moe_state", {}), mesh, rules))
   opt_abstract = jax.eval_shape(tx.init, params)
   shardings = {"params": param_sh, "moe_state": moe_sh,

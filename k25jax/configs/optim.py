@@ -1,7 +1,8 @@
 """Optimizer presets: MuonClip (digest §8) with a WSD schedule (digest §2.2); `config.optim`.
 
 Muon hyper-parameters follow the Moonlight reference [MOON] quoted in digest §8 (Nesterov momentum 0.95, 5
-Newton-Schulz steps with the quintic coefficients, update RMS matched to AdamW by `0.2 * sqrt(max(n, m))`,
+Newton-Schulz steps with the quintic coefficients on bf16 operands (here with f32 accumulation; f32 operands for
+the CPU presets, where bf16 measured no faster on Muon's small matrices), update RMS matched to AdamW by `0.2 * sqrt(max(n, m))`,
 decoupled weight decay 0.1); AdamW (0.9, 0.95, 1e-8) takes the embedding, the LM head, norms and biases.
 `k25_full` uses K2's 2e-4 peak with a short warm-up and cosine decay to 0.1x (digest §2.2: 2e-4 -> 2e-5);
 `qk_clip_tau` is K2's tau = 100 (0 disables QK-Clip). `name="adamw"` swaps in plain AdamW for ablations, with
@@ -36,6 +37,7 @@ def optim_config(preset: str) -> ml_collections.ConfigDict:
       momentum=0.95,
       nesterov=True,
       ns_steps=5,
+      ns_dtype="float32" if preset in ("tiny", "small") else "bfloat16",   # Newton-Schulz matmul operands
       consistent_rms=0.2,
       adam_b1=0.9,
       adam_b2=0.95,
@@ -59,6 +61,8 @@ def validate_optim(optim: ml_collections.ConfigDict) -> None:
   check(optim.weight_decay >= 0, f"optim.weight_decay={optim.weight_decay} must be >= 0")
   check(0 <= optim.momentum < 1, f"optim.momentum={optim.momentum} must lie in [0, 1)")
   check(int(optim.ns_steps) >= 1, f"optim.ns_steps={optim.ns_steps} must be >= 1 (5 is the Muon default)")
+  check(optim.ns_dtype in ("float32", "bfloat16"),
+        f"optim.ns_dtype={optim.ns_dtype!r}: choose float32 or bfloat16 (Newton-Schulz matmul operands)")
   check(optim.consistent_rms > 0, f"optim.consistent_rms={optim.consistent_rms} must be > 0 (0.2 matches AdamW)")
   for f in ("adam_b1", "adam_b2"):
     check(0 <= optim[f] < 1, f"optim.{f}={optim[f]} must lie in [0, 1)")

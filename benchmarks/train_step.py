@@ -1,12 +1,17 @@
 """Train-step benchmark: matmul peak, tokens/s and MFU of the `small` LM, and the MoE dispatch paths side by side.
 
-python -m benchmarks.train_step --out out/train_step.json [--preset small] [--steps 8]
+python -m benchmarks.train_step --out out/train_step.json [--preset small] [--steps 8] [--batches 32,8]
 
 Everything is measured in this one process: first the machine's matmul peak (jitted square `jax.lax.dot`, median
-of repeats, for the model's compute dtype), then the trainer's jitted, donated step (forward, backward, MuonClip
-update, QK-Clip, MoE bias update) of the text-only LM and of the multimodal K25Model (FLOPs from
-`k25jax.train.flops`), then each expert dispatch's forward + backward at (E=64, k=8) and (E=8, k=2).
-MFU = model FLOPs per second / measured peak.
+of repeats, for the model's compute dtype), then, for each global batch of `--batches` (sequences of
+`train.seq_len`), the trainer's jitted, donated step (forward, backward, MuonClip update, QK-Clip, MoE bias update)
+of the text-only LM and of the multimodal K25Model (FLOPs from `k25jax.train.flops`), then each expert dispatch's
+forward + backward at (E=64, k=8) and (E=8, k=2). MFU = model FLOPs per second / measured peak.
+
+The headline is the first batch (32 x 256 = 8192 tokens per step). Muon's Newton-Schulz costs a fixed ~15 GFLOP
+per step on `small` whatever the batch (MFU counts model FLOPs only), as much as a forward + backward of 2048
+tokens; pre-training amortises it over large batches (K2: 67M tokens per step, digest §2.2). The smaller batch
+(2048 tokens, the preset's default) is reported beside it in `by_batch`.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num
   config.trainer.optimizer = optimizer
   for key, value in overrides.items():
     group, name = key.split(".")
-    config[group][name] = value
+    config[group][name] = type(config[group][name])(value)
   validate(config)
   mesh = shd.make_mesh(config)
   pad = ByteTokenizer().media_pad_id
@@ -124,11 +129,12 @@ def main() -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--preset", default="small")
   parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--batches", default="32,8", help="global batch sizes to time; the first is the headline")
   parser.add_argument("--optimizer", default="muonclip", choices=("muonclip", "adamw"))
   parser.add_argument("--dispatch_tokens", type=int, default=2048)
   parser.add_argument("--patches", type=int, default=512, help="patch budget of the multimodal batch")
   parser.add_argument("--items", type=int, default=16, help="media item slots of the multimodal batch")
-  parser.add_argument("--set", action="append", default=[], help="group.field=value override, e.g. train.batch_size=16")
+  parser.add_argument("--set", action="append", default=[], help="group.field=value override, e.g. model.remat_policy=dots")
   args = parser.parse_args()
   overrides = {}
   for item in args.set:
@@ -136,31 +142,38 @@ def main() -> None:
     overrides[key] = type(get_config(args.preset)[key.split(".")[0]][key.split(".")[1]])(value)
   dtype = get_config(args.preset).model.dtype
   peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
-  kw = dict(optimizer=args.optimizer, num_patches=args.patches, max_items=args.items, overrides=overrides)
-  train = bench_step(args.preset, args.steps, multimodal=False, **kw)
-  multimodal = bench_step(args.preset, args.steps, multimodal=True, **kw)
-  multimodal["mfu"] = multimodal["model_flops_per_s"] / peak[dtype]
+  kw = dict(optimizer=args.optimizer, num_patches=args.patches, max_items=args.items)
+  by_batch = {}
+  for batch in (int(b) for b in args.batches.split(",")):
+    runs = {}
+    for name, multimodal in (("text", False), ("multimodal", True)):
+      run = bench_step(args.preset, args.steps, multimodal=multimodal,
+                       overrides={**overrides, "train.batch_size": batch}, **kw)
+      runs[name] = dict(run, mfu=run["model_flops_per_s"] / peak[dtype])
+    by_batch[str(batch)] = runs
+    print(f"batch {batch}x{runs['text']['seq_len']}: text {runs['text']['tokens_per_s']:.0f} tok/s, step "
+          f"{runs['text']['step_s'] * 1e3:.0f} ms, MFU {runs['text']['mfu']:.3f}; multimodal "
+          f"{runs['multimodal']['tokens_per_s']:.0f} tok/s, MFU {runs['multimodal']['mfu']:.3f} "
+          f"({runs['multimodal']['items']} items, {runs['multimodal']['patches']} patches)", flush=True)
   dispatch = {
       "E64_k8": bench_dispatch(64, 8, args.dispatch_tokens, 256, 128, repeats=3),
       "E8_k2": bench_dispatch(8, 2, args.dispatch_tokens, 256, 128, repeats=3),
   }
   default = moe_lib.resolve_dispatch("auto")
   e64 = {k: v for k, v in dispatch["E64_k8"].items() if k != "ep"}
+  headline = by_batch[args.batches.split(",")[0]]
   result = dict(
       device=jax.devices()[0].device_kind, device_count=jax.device_count(), cpu_count=os.cpu_count(),
-      peak_flops=peak[dtype], peak_flops_by_dtype=peak, **train,
-      mfu=train["model_flops_per_s"] / peak[dtype],
-      multimodal=multimodal, dispatch=dispatch, default_cpu_dispatch=default,
+      peak_flops=peak[dtype], peak_flops_by_dtype=peak, **headline["text"],
+      multimodal=headline["multimodal"], by_batch=by_batch, dispatch=dispatch, default_cpu_dispatch=default,
       default_speedup_vs_slowest_E64=max(e64.values()) / e64[default],
-      notes="dispatch: seconds per forward+backward call; 'ep' runs on a mesh whose expert axis spans the "
-            f"{jax.device_count()} local device(s)")
+      notes="headline = the first of --batches; dispatch: seconds per forward+backward call; 'ep' runs on a mesh "
+            f"whose expert axis spans the {jax.device_count()} local device(s)")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as fh:
     json.dump(result, fh, indent=2)
-  print(f"peak {peak[dtype] / 1e9:.0f} GFLOP/s ({dtype})  {train['tokens_per_s']:.0f} tok/s  "
-        f"MFU {result['mfu']:.3f}  step {train['step_s'] * 1e3:.0f} ms")
-  print(f"multimodal step: {multimodal['tokens_per_s']:.0f} tok/s  MFU {multimodal['mfu']:.3f}  "
-        f"({multimodal['items']} items, {multimodal['patches']} patches)")
+  print(f"peak {peak[dtype] / 1e9:.0f} GFLOP/s ({dtype}); headline batch {result['batch']}: "
+        f"{result['tokens_per_s']:.0f} tok/s  MFU {result['mfu']:.3f} (multimodal {result['multimodal']['mfu']:.3f})")
   for setting, times in dispatch.items():
     print(setting, "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
 

@@ -37,14 +37,17 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positi
   return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
-           ) -> tuple[jax.Array, jax.Array]:
+def attend(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Array, v: jax.Array,
+           mask: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """Softmax attention with materialised logits (QK-Clip needs their max).
 
-  q [B,Lq,H,Dk], k [B,Lk,H,Dk], v [B,Lk,H,Dv], mask [B,Lq,Lk]. Returns (out [B,Lq,H,Dv], max_logit [H] f32).
+  logits = (q_nope . k_nope + q_rot . k_rot) * scale, with the rope key shared by all heads (MLA), so neither the
+  per-head keys [k_nope | k_rot] nor the queries are ever concatenated. q_nope [B,Lq,H,Dn], q_rot [B,Lq,H,Dr],
+  k_nope [B,Lk,H,Dn], k_rot [B,Lk,Dr], v [B,Lk,H,Dv], mask [B,Lq,Lk]. Returns (out [B,Lq,H,Dv], max_logit [H] f32).
   Softmax statistics in f32; fully masked query rows (padding) give finite garbage that losses mask out.
   """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  logits = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("bqhr,bkr->bhqk", q_rot, k_rot, preferred_element_type=jnp.float32)) * scale
   m = mask[:, None, :, :]
   max_logit = jnp.max(jnp.where(m, logits, NEG_INF), axis=(0, 2, 3))
   probs = jax.nn.softmax(jnp.where(m, logits, NEG_INF), axis=-1)
@@ -52,19 +55,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
   return out, jax.lax.stop_gradient(max_logit)
 
 
-def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                         scale: float, block: int) -> tuple[jax.Array, jax.Array]:
+def attend_causal_blocks(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Array, v: jax.Array,
+                         segment_ids: jax.Array, positions: jax.Array, scale: float, block: int
+                         ) -> tuple[jax.Array, jax.Array]:
   """`attend` over query blocks of `block` slots, each against the keys up to its last slot (module doc);
   block <= 0 or >= the length is one block. Same outputs and max logits as the full masked attention on
   slot-causal rows."""
-  length = q.shape[1]
+  length = q_nope.shape[1]
   block = length if block <= 0 else block
   outs, max_logit = [], None
   for start in range(0, length, block):
     end = min(start + block, length)
     mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], positions[:, start:end],
                           positions[:, :end])
-    out, mx = attend(q[:, start:end], k[:, :end], v[:, :end], mask, scale)
+    out, mx = attend(q_nope[:, start:end], q_rot[:, start:end], k_nope[:, :end], k_rot[:, :end], v[:, :end],
+                     mask, scale)
     outs.append(out)
     max_logit = mx if max_logit is None else jnp.maximum(max_logit, mx)
   return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], max_logit
@@ -121,11 +126,7 @@ class MLA(nn.Module):
     q_nope, q_rot = self.project_q(x, positions)
     c, k_rot = self.project_latent(x, positions)
     k_nope, v = self.expand_kv(c)
-    h = m.num_attention_heads
-    q = jnp.concatenate([q_nope, q_rot], axis=-1)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None, :], (*k_rot.shape[:2], h, k_rot.shape[-1]))],
-                        axis=-1)
-    out, max_logit = attend_causal_blocks(q, k.astype(q.dtype), v, segment_ids, positions, rope.softmax_scale(m),
-                                          m.attention_q_block)
-    out = out.reshape(*x.shape[:2], h * m.v_head_dim).astype(dtype_of(m.dtype))
+    out, max_logit = attend_causal_blocks(q_nope, q_rot, k_nope.astype(q_nope.dtype), k_rot.astype(q_rot.dtype), v,
+                                          segment_ids, positions, rope.softmax_scale(m), m.attention_q_block)
+    out = out.reshape(*x.shape[:2], m.num_attention_heads * m.v_head_dim).astype(dtype_of(m.dtype))
     return self.o_proj(out), max_logit

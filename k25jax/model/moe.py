@@ -125,10 +125,11 @@ def dispatch_dense(x, idx, w, wg, wu, wd):
   before the down projection, which is linear, so the combine is one [T, E*F] x [E*F, D] contraction. Reads each
   weight once: the fastest path when tokens * top-k >= experts (decode steps, `k25jax.sample.engine`)."""
   t, e = x.shape[0], wg.shape[0]
-  comb = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
-  h = _swiglu(jnp.einsum("td,edf->tef", x, wg), jnp.einsum("td,edf->tef", x, wu))
+  comb = jnp.zeros((e, t), jnp.float32).at[idx, jnp.arange(t)[:, None]].add(w)
+  xe = jnp.broadcast_to(x, (e, *x.shape))
+  h = _swiglu(jnp.einsum("etd,edf->etf", xe, wg), jnp.einsum("etd,edf->etf", xe, wu))
   h = (h.astype(jnp.float32) * comb[..., None]).astype(x.dtype)
-  return jnp.einsum("tef,efd->td", h, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum("etf,efd->td", h, wd, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def dispatch_ep(x, idx, w, wg, wu, wd):

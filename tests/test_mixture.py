@@ -79,3 +79,18 @@ def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="progress"):
     FusionSchedule(0.0, 0.1)(1.5)
   Mixture(FusionSchedule(0.0, 0.0), {"web": 1.0}, {}, seed=0, total_steps=10)  # text-only is valid
+
+
+@pytest.mark.parametrize("arm", sorted(TABLE1_ARMS))
+def test_token_share_converts_to_the_draw_probability(arm):
+  """With mean lengths L_t, L_v the draw probability p gives the schedule's ratio as the expected token share."""
+  text_len, vision_len = 100.0, 300.0
+  m = _mixture(arm, example_tokens=(text_len, vision_len))
+  r = TABLE1_ARMS[arm].vision_ratio
+  p = m.vision_fraction(199)
+  assert p * vision_len / (p * vision_len + (1 - p) * text_len) == pytest.approx(r, abs=1e-12)
+  assert p < r                                                             # longer vision examples: fewer draws
+  assert _mixture(arm).vision_fraction(199) == r                           # no lengths: a share of examples
+  assert m.vision_fraction(0) == (p if TABLE1_ARMS[arm].inject_at == 0 else 0.0)
+  with pytest.raises(ValueError, match="example_tokens"):
+    _mixture(arm, example_tokens=(0.0, 10.0))

@@ -33,7 +33,9 @@ def data_config(name: str) -> ml_collections.ConfigDict:
       max_items=max_items,              # media items per host batch
       max_misses=4,                     # a batch closes after this many examples found no room
       max_draws=1024,                   # mixture draws per step (upper bound; also strides source slots)
-      mixture=dict(inject_at=0.0, vision_ratio=0.1),
+      # vision_ratio: share of tokens from vision examples once injected ("examples": share of examples)
+      mixture=dict(inject_at=0.0, vision_ratio=0.1, share="tokens"),
+      length_sample=16,                 # examples per domain measured for the token-share conversion
       text_domains=dict(_TEXT_DOMAINS),
       vision_domains=dict(_VISION_DOMAINS),
       shakespeare_chunk_chars=chunk_chars,  # characters per Shakespeare document

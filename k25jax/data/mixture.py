@@ -4,8 +4,12 @@ The fusion ablation (digest §2.1) fixes the total vision budget and varies *whe
 ratio: before the injection point the stream is text only, after it a constant fraction of vision. The three
 Table 1 arms (inject at 0.0 with 10:90, at 0.5 with 20:80, at 0.8 with 50:50) all spend 10% of the budget on vision.
 
-Here the ratio is the probability that a drawn example is a vision example (one with media). Token shares per
-modality are reported by the packer (`packing.PackStats`) so runs can log "tokens seen by modality".
+The ratio is a share of *tokens*: the tokens of vision examples (one with media: their visual tokens and their
+text) over all tokens. A draw is a vision example with the probability that gives that token share in
+expectation, p = r L_t / (r L_t + (1 - r) L_v) for mean example lengths L_t (text) and L_v (vision) measured on the
+domains (`Mixture.example_tokens`; without them the ratio is the share of examples). The packer reports the
+realised shares (`packing.PackStats`: vision_data_tokens, vision_tokens = visual tokens) so runs log "tokens seen
+by modality".
 
 Sampling is a pure function of (seed, step): every call for the same step yields the same candidate sequence,
 so a pipeline restored at step s continues exactly as the original (digest §7 "deterministic, resumable data
@@ -97,6 +101,8 @@ class Mixture:
   max_draws: upper bound on draws per step; it also strides the per-domain slots so that no two steps, and no two
     draws of one step, read the same slot of a domain.
   total_steps: run length; progress = min(step / total_steps, 1).
+  example_tokens: (mean tokens of a text draw, of a vision draw): the schedule's ratio is then a token share
+    (module docstring); None makes it the share of examples.
   """
   schedule: FusionSchedule
   text_weights: Mapping[str, float]
@@ -104,12 +110,16 @@ class Mixture:
   seed: int
   total_steps: int
   max_draws: int = 1024
+  example_tokens: tuple[float, float] | None = None
 
   def __post_init__(self):
     if self.total_steps <= 0:
       raise ValueError(f"Mixture.total_steps={self.total_steps} must be positive (config.train.steps)")
     if self.max_draws <= 0:
       raise ValueError(f"Mixture.max_draws={self.max_draws} must be positive")
+    if self.example_tokens is not None and not min(self.example_tokens) > 0:
+      raise ValueError(f"Mixture.example_tokens={self.example_tokens} must be two positive mean lengths (text, "
+                       "vision), or None for a share of examples")
     text_names, _ = _normalised(self.text_weights, "text_weights")
     vision_names, _ = _normalised(self.vision_weights, "vision_weights")
     if self.schedule.vision_ratio > 0 and self.schedule.inject_at < 1 and not vision_names:
@@ -126,8 +136,13 @@ class Mixture:
     return min(step / self.total_steps, 1.0)
 
   def vision_fraction(self, step: int) -> float:
-    """Probability that a draw at `step` is a vision example."""
-    return self.schedule(self.progress(step))
+    """Probability that a draw at `step` is a vision example (the schedule's token share converted with
+    `example_tokens`, module docstring)."""
+    r = self.schedule(self.progress(step))
+    if self.example_tokens is None or r in (0.0, 1.0):
+      return r
+    text, vision = self.example_tokens
+    return r * text / (r * text + (1.0 - r) * vision)
 
   def candidates(self, step: int) -> Iterator[Candidate]:
     """The (at most `max_draws`) draws of `step`, a pure function of (seed, step)."""

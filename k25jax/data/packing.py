@@ -62,6 +62,7 @@ class PackStats:
   vision_examples: int = 0
   text_tokens: int = 0       # placed non-media tokens
   vision_tokens: int = 0     # placed media-pad tokens (= visual tokens after the 2x2 merge)
+  vision_data_tokens: int = 0  # placed tokens of vision examples (their media pads and their text)
   target_tokens: int = 0     # loss-mask count
   patches: int = 0
   items: int = 0
@@ -152,6 +153,7 @@ def pack(examples: Iterable[Encoded], spec: PackSpec) -> tuple[dict[str, np.ndar
         break
       rows[row].append(ch)
       free[row] -= len(ch.tokens)
+      stats.vision_data_tokens += len(ch.tokens) if ex.modality == "vision" else 0
       patches_used += n_patch
       items_used += len(ch.media)
       placed += 1

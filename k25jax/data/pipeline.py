@@ -174,6 +174,14 @@ def _real_source(config: ml_collections.ConfigDict, domain: str, modality: str, 
   return DomainSource(modality, grain.MapDataset.source(records), encode, shuffle=True)
 
 
+def mean_example_tokens(domains: Mapping[str, grain.MapDataset], weights: Mapping[str, float], n: int) -> float:
+  """Expected token count of one draw of a modality: each domain's mean over its first `n` examples, averaged
+  with the domain weights (the mixture's `example_tokens`, digest §2.1 token shares)."""
+  names, total = sorted(weights), sum(float(w) for w in weights.values())
+  return sum(float(weights[d]) / total * float(np.mean([len(domains[d][i].tokens) for i in range(n)]))
+             for d in names)
+
+
 def make_train_dataset(config: ml_collections.ConfigDict, *, tokenizer: Any, process_index: int = 0,
                        process_count: int = 1, sources: Mapping[str, DomainSource] | None = None,
                        num_workers: int | None = None, schedule: FusionSchedule | None = None,
@@ -190,8 +198,6 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, tokenizer: Any, pro
                                         float(config.data.mixture.vision_ratio))
   weights = {m: {d: float(w) for d, w in config.data[f"{m}_domains"].items() if float(w) > 0} for m in MODALITIES}
   seed = int(config.data.seed) + int(seed_offset)
-  mixture = Mixture(schedule, weights["text"], weights["vision"], seed=seed,
-                    total_steps=int(config.train.steps), max_draws=int(config.data.max_draws))
   sources = dict(sources) if sources is not None else default_sources(config, tokenizer, "train")
   for modality, ws in weights.items():
     for domain in ws:
@@ -202,6 +208,16 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, tokenizer: Any, pro
         raise ValueError(f"domain {domain!r} is a {sources[domain].modality} source but is weighted in "
                          f"config.data.{modality}_domains; move it")
   domains = {d: prepare_domain(d, sources[d], shard, seed) for ws in weights.values() for d in ws}
+  share = config.data.mixture.share
+  if share not in ("tokens", "examples"):
+    raise ValueError(f"config.data.mixture.share={share!r}: choose 'tokens' (vision share of tokens, as Table 1) or "
+                     "'examples'")
+  lengths = None
+  if share == "tokens" and all(weights.values()):
+    n = int(config.data.length_sample)
+    lengths = tuple(mean_example_tokens(domains, weights[m], n) for m in ("text", "vision"))
+  mixture = Mixture(schedule, weights["text"], weights["vision"], seed=seed, total_steps=int(config.train.steps),
+                    max_draws=int(config.data.max_draws), example_tokens=lengths)
   batcher = StepBatcher(mixture, domains, pack_spec(config, tokenizer))
   read = grain.ReadOptions(num_threads=int(config.data.read_threads),
                            prefetch_buffer_size=int(config.data.prefetch_buffer_size))

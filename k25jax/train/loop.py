@@ -248,6 +248,7 @@ class Trainer:
           scalars["skipped_total"] = skipped
           scalars["vision_share"] = scalars["vision_tokens"] / max(scalars["vision_tokens"] + scalars["text_tokens"], 1)
           scalars["vision_examples"] = float(host["stats"]["vision_examples"])
+          scalars["vision_data_tokens"] = float(host["stats"]["vision_data_tokens"])
           scalars["examples"] = float(host["stats"]["examples"])
           writer.write("train", step, scalars)
           if bad >= int(t.max_bad_steps):

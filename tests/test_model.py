@@ -269,6 +269,18 @@ def test_dispatch_gradients_agree(block, max_block):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_blocked_dispatch_in_bfloat16_tracks_float32():
+  """bf16 activations and weights (f32 weight-grad accumulation inside): values and gradients within bf16 error."""
+  x, idx, w, ws = _dispatch_problem(4, t=40, d=16, f=8, e=4)
+  fn = moe_lib.get_dispatch("blocked", 4, 16)
+  ref = _value_and_grads(fn, x, idx, w, ws)
+  got = _value_and_grads(fn, x.astype(jnp.bfloat16), idx, w, [a.astype(jnp.bfloat16) for a in ws])
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    assert b.dtype == a.dtype or b.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(a)))
+    np.testing.assert_allclose(np.asarray(b, np.float32), a, atol=3e-2 * scale, rtol=0)
+
+
 def test_grouped_chunks_cover_each_group_exactly_once():
   """The chunk plan of the blocked dispatch tiles every expert's padded group with no gap and no overlap."""
   from k25jax.model import grouped

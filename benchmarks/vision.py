@@ -1,14 +1,18 @@
 """MoonViT-3D throughput and the compute wasted by padding images to a fixed size versus packing them.
 
 Digest §1.3 / paper K2.5 §4.2 (NaViT-style "patch n' pack"). Two measurements:
-  patches_per_s   forward patches/s of the `small` tower (jit, f32, this CPU) on packed sequences of
-                  `--num_patches` patches drawn from the size distribution below (median of `--repeats`).
+  patches_per_s   forward patches/s of the `small` tower + projector (jit, f32, this CPU) on packed sequences of
+                  `--num_patches` patches drawn from the size distribution below (median of `--repeats`), for each
+                  packed-attention implementation (`by_attention`; the top-level figures are the preset's own);
+                  gflops_per_s counts useful FLOPs (per-item attention), so implementations compare directly.
   padding_waste   fraction of tower FLOPs spent on padding when every image is zero-padded to one fixed canvas
                   (the largest h and w in the sample), attention over the whole canvas;
   packing_waste   the same fraction when images are packed first-fit-decreasing into `--num_patches` budgets
                   with per-item (varlen) attention: only unused slots are waste.
-  packing_waste_dense_mask  packing as this repository runs it on CPU: attention logits materialised over the
-                  whole packed sequence and masked to same-item pairs, so cross-item pairs are waste too.
+  packing_waste_dense_mask  packing with attention logits materialised over the whole packed sequence and
+                  masked to same-item pairs (`attention_impl=dense`), so cross-item pairs are waste too;
+  packing_waste_blocks      packing with block-sparse attention (`attention_impl=blocks`, the CPU presets'):
+                  the (query, key) pairs of the attention_chunk-sized blocks that share an item.
 Image sizes: height lognormal around 480 px (sigma 0.5), aspect ratio lognormal (sigma 0.4), resized with the
 released "navit_resize" rule at a CPU-scale patch limit (`--patch_limit`, default 1024 = 448x448) and padded to
 multiples of 28 px (digest §1.3 "Media preprocessing").
@@ -28,6 +32,7 @@ import jax
 import numpy as np
 
 from k25jax.configs.vision import vision_config
+from k25jax.model.block_attention import block_pairs
 from k25jax.model.projector import PatchMergerProjector
 from k25jax.model.vision import MoonViT3D, pack_media
 
@@ -68,6 +73,14 @@ def pack_ffd(sizes: list[int], budget: int) -> list[list[int]]:
   return bins
 
 
+def block_pairs_of(sizes: list[int], budget: int, block: int) -> int:
+  """Attended (query, key) pairs of block-sparse attention on one pack: block^2 per block pair sharing an item."""
+  ids = np.zeros((budget + -budget % block,), np.int32)
+  ids[:sum(sizes)] = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+  _, _, count = block_pairs(jax.numpy.asarray(ids), block)
+  return int(count) * block * block
+
+
 def waste(grids, budget: int, cfg) -> dict[str, float]:
   n = [t * h * w for t, h, w in grids]
   useful = sum(tower_flops(k, k * k, cfg) for k in n)
@@ -77,9 +90,11 @@ def waste(grids, budget: int, cfg) -> dict[str, float]:
   bins = pack_ffd(n, budget)
   packed_varlen = sum(tower_flops(budget, sum(n[j] ** 2 for j in b), cfg) for b in bins)
   packed_dense = len(bins) * tower_flops(budget, budget * budget, cfg)
+  packed_blocks = sum(tower_flops(budget, block_pairs_of([n[j] for j in b], budget, cfg.attention_chunk), cfg)
+                      for b in bins)
   return dict(padding_waste=1 - useful / padded, packing_waste=1 - useful / packed_varlen,
-              packing_waste_dense_mask=1 - useful / packed_dense, canvas_hw=[ch, cw], num_bins=len(bins),
-              mean_patches_per_image=float(np.mean(n)))
+              packing_waste_dense_mask=1 - useful / packed_dense, packing_waste_blocks=1 - useful / packed_blocks,
+              canvas_hw=[ch, cw], num_bins=len(bins), mean_patches_per_image=float(np.mean(n)))
 
 
 def throughput(cfg, grids, budget: int, repeats: int, seed: int = 0) -> dict[str, float]:
@@ -109,8 +124,9 @@ def throughput(cfg, grids, budget: int, repeats: int, seed: int = 0) -> dict[str
     times.append(time.perf_counter() - t0)
     real.append(int((b["patch_item_ids"] > 0).sum()))
   med = float(np.median(times))
+  useful = np.mean([sum(tower_flops(s, s * s, cfg) for s in (sizes[j] for j in b)) for b in bins[1:]])
   return dict(patches_per_s=budget / med, real_patches_per_s=float(np.mean(real)) / med, step_s=med,
-              gflops_per_s=tower_flops(budget, budget * budget, cfg) / med / 1e9)
+              gflops_per_s=float(useful) / med / 1e9)
 
 
 def main() -> None:
@@ -131,12 +147,18 @@ def main() -> None:
                 images=args.images, device=str(jax.devices()[0].platform), machine=platform.processor() or
                 platform.machine(), dtype=cfg.dtype)
   result.update(waste(grids, args.num_patches, cfg))
-  result.update(throughput(cfg, grids, args.num_patches, args.repeats))
+  result["by_attention"] = {}
+  for impl in ("dense", "chunked", "blocks"):
+    c = vision_config(args.preset)
+    c.update(attention_impl=impl, max_item_patches=max(args.patch_limit, args.num_patches // 2))
+    result["by_attention"][impl] = throughput(c, grids, args.num_patches, args.repeats)
+    print(f"{impl:<8} {result['by_attention'][impl]['patches_per_s']:10.0f} patches/s", flush=True)
+  result.update(result["by_attention"][cfg.attention_impl])
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
   print(f"{'metric':<26}{'value':>14}")
   for k in ("patches_per_s", "real_patches_per_s", "gflops_per_s", "padding_waste", "packing_waste",
-            "packing_waste_dense_mask"):
+            "packing_waste_dense_mask", "packing_waste_blocks"):
     print(f"{k:<26}{result[k]:>14.3f}")
 
 

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from k25jax.configs.vision import validate_vision
+from k25jax.model.block_attention import block_attention
 
 _BICUBIC_A = -0.75  # Keys kernel of PyTorch's bicubic interpolation
 
@@ -230,8 +231,10 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, *
   patches; items are contiguous runs of at most `max_item_patches` patches, so a query's keys lie within
   n = ceil((max_item_patches - 1) / chunk) chunks on either side; those 2n+1 key chunks are visited by a
   `lax.scan` with an online softmax (flash attention), its body rematerialised so that the backward pass keeps
-  only the running (max, sum, output) per step. Padding rows (id 0) are not defined by either: dense gives them a
-  uniform mix over all keys, chunked gives zeros; downstream drops them.
+  only the running (max, sum, output) per step. `blocks` (`k25jax.model.block_attention`) visits only the
+  (query block, key block) pairs of `chunk` patches that share an item, a data-dependent list, so its work follows
+  the items packed and needs no item bound. Padding rows (id 0) are not defined: dense gives them a uniform mix
+  over all keys, chunked and blocks give zeros; downstream drops them.
   """
   p, heads, hd = q.shape
   dt = v.dtype
@@ -242,6 +245,8 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, *
     logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     return jnp.einsum("hqk,khd->qhd", probs, v)
+  if impl == "blocks":
+    return block_attention(q, k, v, ids, chunk)
   c = min(chunk, p)
   pad = -p % c
   if pad:

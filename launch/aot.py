@@ -8,6 +8,7 @@
 project's shardings and compiled by the TPU compiler, which reports per-device memory exactly as a pod would,
 out-of-memory included (MaxText `train_compile.py`, ANCHORS §1.6 "AOT", §5 AOT row, §8.4 item 5). The state is
 built with `jax.eval_shape` only: nothing full-size is ever allocated here. Prints one JSON object.
+`--config.dep=True` compiles the DEP step's four programs instead and reports each phase (`compile_dep_step`).
 """
 
 from __future__ import annotations

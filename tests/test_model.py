@@ -245,6 +245,15 @@ def test_dispatch_equals_per_token_loop(name, block, max_block):
   np.testing.assert_allclose(got, _naive_moe(x, idx, w, wg, wu, wd), atol=1e-4, rtol=1e-4)
 
 
+def test_swiglu_vjp_equals_autodiff():
+  from k25jax.model.layers import swiglu
+  g, u, dh = (jnp.asarray(np.random.default_rng(i).normal(size=(5, 7)) * 3, jnp.float32) for i in range(3))
+  got = jax.vjp(swiglu, g, u)[1](dh)
+  want = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _dispatch_problem(seed, t=24, d=8, f=6, e=4, k=2):
   rng = np.random.default_rng(seed)
   x = jnp.float32(rng.standard_normal((t, d)))

@@ -47,6 +47,28 @@ class Linear(nn.Module):
     return jnp.dot(x.astype(dt), kernel.astype(dt))
 
 
+@jax.custom_vjp
+def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
+  """silu(g) * u, the SwiGLU gate (digest §1.1), with a hand-written VJP: one sigmoid, computed in f32, shared by
+  both cotangents (autodiff of silu re-derives it through several elementwise passes)."""
+  return (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
+
+
+def _swiglu_fwd(g, u):
+  return swiglu(g, u), (g, u)
+
+
+def _swiglu_bwd(res, dh):
+  g, u = res
+  gf, uf, dhf = g.astype(jnp.float32), u.astype(jnp.float32), dh.astype(jnp.float32)
+  sig = jax.nn.sigmoid(gf)
+  dg = dhf * uf * sig * (1.0 + gf * (1.0 - sig))
+  return dg.astype(g.dtype), (dhf * gf * sig).astype(u.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)): the dense first layer and the shared expert (digest §1.1)."""
   hidden: int
@@ -60,5 +82,5 @@ class SwiGLU(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, stddev=self.stddev)
     g = Linear(self.hidden, ("embed", self.mlp_name), name="gate_proj", **kw)(x)
     u = Linear(self.hidden, ("embed", self.mlp_name), name="up_proj", **kw)(x)
-    h = nn.with_logical_constraint(nn.silu(g) * u, ("batch", "length", "act_mlp"))
+    h = nn.with_logical_constraint(swiglu(g, u), ("batch", "length", "act_mlp"))
     return Linear(x.shape[-1], (self.mlp_name, "embed"), name="down_proj", **kw)(h)

@@ -46,12 +46,14 @@ def attend(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Ar
   k_nope [B,Lk,H,Dn], k_rot [B,Lk,Dr], v [B,Lk,H,Dv], mask [B,Lq,Lk]. Returns (out [B,Lq,H,Dv], max_logit [H] f32).
   Softmax statistics in f32; fully masked query rows (padding) give finite garbage that losses mask out.
   """
-  logits = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-            + jnp.einsum("bqhr,bkr->bhqk", q_rot, k_rot, preferred_element_type=jnp.float32)) * scale
-  m = mask[:, None, :, :]
-  max_logit = jnp.max(jnp.where(m, logits, NEG_INF), axis=(0, 2, 3))
-  probs = jax.nn.softmax(jnp.where(m, logits, NEG_INF), axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  heads_first = lambda a: a.transpose(0, 2, 1, 3)        # [B, L, H, D] -> [B, H, L, D]: plain batched matmuls
+  logits = (jnp.einsum("bhqd,bhkd->bhqk", heads_first(q_nope), heads_first(k_nope),
+                       preferred_element_type=jnp.float32)
+            + jnp.einsum("bhqr,bkr->bhqk", heads_first(q_rot), k_rot, preferred_element_type=jnp.float32)) * scale
+  logits = jnp.where(mask[:, None, :, :], logits, NEG_INF)
+  max_logit = jnp.max(logits, axis=(0, 2, 3))
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), heads_first(v))
   return out, jax.lax.stop_gradient(max_logit)
 
 

@@ -31,7 +31,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from k25jax.model import grouped
-from k25jax.model.layers import SwiGLU, dtype_of
+from k25jax.model.layers import SwiGLU, dtype_of, swiglu
 from k25jax.sharding import BATCH_AXES
 
 DISPATCHES = ("ragged", "blocked", "dense", "ep")
@@ -81,10 +81,6 @@ def sequence_aux_loss(scores: jax.Array, idx: jax.Array, valid: jax.Array, k: in
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def _swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
-  return jax.nn.silu(g) * u
-
-
 def _sort_assignments(idx: jax.Array, num_groups: int):
   """Stable sort of the T*k (token, expert) assignments by expert; returns order, token ids, group sizes."""
   flat = idx.reshape(-1)
@@ -106,7 +102,7 @@ def ragged_ffn(xs: jax.Array, sizes: jax.Array, wg, wu, wd) -> jax.Array:
   """Grouped SwiGLU on rows sorted by expert: `jax.lax.ragged_dot` per projection."""
   g = jax.lax.ragged_dot(xs, wg, sizes)
   u = jax.lax.ragged_dot(xs, wu, sizes)
-  return jax.lax.ragged_dot(_swiglu(g, u).astype(xs.dtype), wd, sizes)
+  return jax.lax.ragged_dot(swiglu(g, u).astype(xs.dtype), wd, sizes)
 
 
 def dispatch_ragged(x, idx, w, wg, wu, wd):
@@ -127,7 +123,7 @@ def dispatch_dense(x, idx, w, wg, wu, wd):
   t, e = x.shape[0], wg.shape[0]
   comb = jnp.zeros((e, t), jnp.float32).at[idx, jnp.arange(t)[:, None]].add(w)
   xe = jnp.broadcast_to(x, (e, *x.shape))
-  h = _swiglu(jnp.einsum("etd,edf->etf", xe, wg), jnp.einsum("etd,edf->etf", xe, wu))
+  h = swiglu(jnp.einsum("etd,edf->etf", xe, wg), jnp.einsum("etd,edf->etf", xe, wu))
   h = (h.astype(jnp.float32) * comb[..., None]).astype(x.dtype)
   return jnp.einsum("etf,efd->td", h, wd, preferred_element_type=jnp.float32).astype(x.dtype)
 

@@ -51,10 +51,13 @@ def attend(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Ar
                        preferred_element_type=jnp.float32)
             + jnp.einsum("bhqr,bkr->bhqk", heads_first(q_rot), k_rot, preferred_element_type=jnp.float32)) * scale
   logits = jnp.where(mask[:, None, :, :], logits, NEG_INF)
-  max_logit = jnp.max(logits, axis=(0, 2, 3))
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), heads_first(v))
-  return out, jax.lax.stop_gradient(max_logit)
+  # Softmax with the normalisation deferred past the value product: one row max (shared with QK-Clip's statistic;
+  # the shift cancels, so it carries no gradient), and the division on [.., Dv] outputs rather than [.., Lk] probs.
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.exp(logits - row_max)
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), heads_first(v), preferred_element_type=jnp.float32)
+  out = (out / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
+  return heads_first(out), jnp.max(row_max, axis=(0, 2, 3))
 
 
 def attend_causal_blocks(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Array, v: jax.Array,

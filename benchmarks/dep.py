@@ -1,6 +1,6 @@
 """DEP benchmark (digest §7; K2.5 §4.5 reports DEP at 90% of text-only training throughput).
 
-python -m benchmarks.dep --out out/dep.json [--preset small] [--steps 5] [--devices 8] [--meshes 8,1]
+python -m benchmarks.dep --out out/dep.json [--preset small] [--steps 9] [--devices 8] [--meshes 8,1]
                          [--k25-vision 24,2,2,64]
 
 Three train steps at the same tokens per step (train.batch_size x train.seq_len), timed interleaved in one process
@@ -22,7 +22,8 @@ on `small` no implementation can reach it. Each setting reports the FLOP ceiling
 
 peak_bytes are per device from XLA's memory analysis (for DEP the largest of its programs; each is listed).
 imbalance = max/mean patch load over the devices for LPT and the in-order (image-count) split, averaged over
-`--plans` skewed batches, at the first mesh size and at 64 devices.
+`--plans` skewed batches, at the first mesh size and at 64 devices (with the global batch scaled by 64 / that size,
+so each device has the same load on average).
 
 On fake CPU devices all "devices" share the host's cores, so times measure total work plus the fake-device
 overhead (the 8-device mesh runs the same text step ~3x slower than 1 device on 2 cores), not parallel speed-up;
@@ -96,13 +97,15 @@ def k25_ratio_config(config: ml_collections.ConfigDict, vision: str) -> ml_colle
   return out
 
 
-def imbalance(config: ml_collections.ConfigDict, num_devices: int, plans: int) -> dict:
-  """Mean max/mean patch load over `plans` skewed batches: LPT (DEP) vs in-order split (no balancing)."""
+def imbalance(config: ml_collections.ConfigDict, num_devices: int, plans: int, scale: int = 1) -> dict:
+  """Mean max/mean patch load over `plans` skewed batches: LPT (DEP) vs in-order split (no balancing). `scale`
+  multiplies the global batch (sequences, patch budget, media items), keeping the load per device as it is at
+  `num_devices / scale` devices, as a larger pod would run it."""
   kh, kw = config.model.vision.merge_kernel_size
-  p, m = int(config.data.patch_budget), int(config.data.max_items)
+  p, m = int(config.data.patch_budget) * scale, int(config.data.max_items) * scale
   out = {"lpt": [], "none": []}
   for seed in range(plans):
-    b = dep.synthetic_batch(np.random.default_rng(seed), batch_size=int(config.train.batch_size),
+    b = dep.synthetic_batch(np.random.default_rng(seed), batch_size=int(config.train.batch_size) * scale,
                             seq_len=int(config.train.seq_len), num_patches=p, max_items=m,
                             vocab_size=int(config.model.vocab_size), media_pad_id=ByteTokenizer().media_pad_id,
                             patch_dim=int(config.model.vision.in_channels * config.model.vision.patch_size ** 2),
@@ -161,7 +164,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--preset", default="small")
-  ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one compile step)")
+  ap.add_argument("--steps", type=int, default=9, help="timed steps per variant (after one compile step)")
   ap.add_argument("--plans", type=int, default=20)
   ap.add_argument("--devices", type=int, default=8, help="fake CPU devices of the process")
   ap.add_argument("--meshes", default="8,1", help="mesh sizes (devices) to time on; the first is the headline")
@@ -215,7 +218,7 @@ def main() -> None:
       efficiency_dep_over_bound=headline["efficiency_dep_over_bound"],
       efficiency_integrated_over_bound=headline["efficiency_integrated_over_bound"],
       peak_bytes={s: e["meshes"][str(meshes[0])]["peak_bytes"] for s, e in result["settings"].items()},
-      imbalance={f"{n}_devices": imbalance(base, n, args.plans) for n in (meshes[0], 64)},
+      imbalance={f"{n}_devices": imbalance(base, n, args.plans, max(1, n // meshes[0])) for n in (meshes[0], 64)},
   )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:

@@ -106,3 +106,21 @@ def test_bad_config_fails_before_compiling(field, value):
   c[group][key] = value
   with pytest.raises(ConfigError, match=key):
     prepare_config(c)
+
+
+def test_trainer_accepts_a_locked_config_and_rejects_a_changed_optimizer():
+  """Trainer.run compares configs by value: a locked flag config and its unlocked per-arm copy are the same run
+  (`make demo` passes a locked one), a different optimizer setting is not."""
+  import types  # noqa: PLC0415
+
+  import ml_collections  # noqa: PLC0415
+
+  from k25jax.train.loop import Trainer  # noqa: PLC0415
+  locked = prepare_config(get_config("tiny"))
+  locked.lock()
+  trainer = types.SimpleNamespace(config=locked)
+  copy = ml_collections.ConfigDict(locked.to_dict())
+  Trainer._check_compatible(trainer, copy)
+  copy.optim.momentum = 0.9
+  with pytest.raises(ValueError, match="config.optim"):
+    Trainer._check_compatible(trainer, copy)

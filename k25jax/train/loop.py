@@ -113,8 +113,8 @@ class Trainer:
     for key in ("patch_budget", "max_items"):
       if config.data[key] != self.config.data[key]:
         raise ValueError(f"Trainer.run: config.data.{key} differs from the trainer's; build a new Trainer for it")
-    if config.trainer.optimizer != self.config.trainer.optimizer or \
-        config.get("optim", {}) != self.config.get("optim", {}):
+    optim = lambda c: c.optim.to_dict() if "optim" in c else {}   # values only: a flag config is locked
+    if config.trainer.optimizer != self.config.trainer.optimizer or optim(config) != optim(self.config):
       raise ValueError("Trainer.run: config.trainer.optimizer / config.optim differ from the trainer's; build a "
                        "new Trainer")
 

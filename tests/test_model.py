@@ -478,3 +478,32 @@ def test_flops_count_matches_parameter_count():
     norms = m.hidden_size * (2 * m.num_hidden_layers + 1) + m.num_hidden_layers * (m.q_lora_rank + m.kv_lora_rank)
     embed = m.vocab_size * m.hidden_size
     assert flops.matmul_params_per_token(m) == r["active_params"] - embed - norms
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attend_vjp_equals_plain_softmax_autodiff(dtype, tol):
+  """The written-out attention backward equals autodiff of a plain masked softmax attention written here, with
+  a fully masked (padding) query row and segment-causal masking."""
+  from k25jax.model.mla import attend
+  rng = np.random.default_rng(0)
+  b, lq, lk, h, dn, dr, dv = 2, 5, 7, 3, 4, 2, 3
+  arrays = [jnp.asarray(rng.standard_normal(s), dtype) for s in
+            ((b, lq, h, dn), (b, lq, h, dr), (b, lk, h, dn), (b, lk, dr), (b, lk, h, dv))]
+  mask = jnp.asarray(rng.random((b, lq, lk)) < 0.6).at[0, 1].set(False).at[:, :, 0].set(True).at[1, 3].set(False)
+  cot = jnp.asarray(rng.standard_normal((b, lq, h, dv)), jnp.float32)
+
+  def reference(qn, qr, kn, kr, v):
+    f = lambda a: a.astype(jnp.float32)
+    logits = (jnp.einsum("bqhd,bkhd->bhqk", f(qn), f(kn)) + jnp.einsum("bqhr,bkr->bhqk", f(qr), f(kr))) * 0.7
+    probs = jax.nn.softmax(jnp.where(mask[:, None], logits, -1e30), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, f(v))
+
+  def out_and_grads(f):
+    out, vjp = jax.vjp(f, *arrays)
+    return out, vjp(cot)
+  got_out, got_grads = jax.jit(out_and_grads, static_argnums=0)(lambda *a: attend(*a, mask, 0.7)[0].astype(
+      jnp.float32))
+  want_out, want_grads = jax.jit(out_and_grads, static_argnums=0)(reference)
+  np.testing.assert_allclose(got_out, want_out, rtol=tol, atol=tol)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)

@@ -16,6 +16,8 @@ about (n - 1) / 2n of the attention work is skipped for n blocks (e.g. 25% at n 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,55 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positi
   return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
+def _heads_first(a: jax.Array) -> jax.Array:
+  """[B, L, H, D] <-> [B, H, L, D]: attention as plain batched matmuls."""
+  return a.transpose(0, 2, 1, 3)
+
+
+def _attend_fwd(q_nope, q_rot, k_nope, k_rot, v, mask, scale):
+  logits = (jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q_nope), _heads_first(k_nope),
+                       preferred_element_type=jnp.float32)
+            + jnp.einsum("bhqr,bkr->bhqk", _heads_first(q_rot), k_rot, preferred_element_type=jnp.float32)) * scale
+  logits = jnp.where(mask[:, None, :, :], logits, NEG_INF)
+  # Softmax with the normalisation deferred past the value product: one row max (shared with QK-Clip's statistic;
+  # the shift cancels), and the division on [.., Dv] outputs rather than [.., Lk] probabilities.
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _heads_first(v), preferred_element_type=jnp.float32)
+  out = out / denom
+  result = (_heads_first(out).astype(v.dtype), jnp.max(row_max, axis=(0, 2, 3)))
+  return result, (q_nope, q_rot, k_nope, k_rot, v, mask, p, denom, out)
+
+
+def _attend_bwd(scale, res, cotangents):
+  """Softmax attention backward (max logit: no gradient): dS = P (dP - rowsum(dO O)) on unmasked pairs, with
+  P = p / denom formed once, and the four input gradients as batched matmuls."""
+  q_nope, q_rot, k_nope, k_rot, v, mask, p, denom, out = res
+  dout = _heads_first(cotangents[0]).astype(jnp.float32)
+  probs = p / denom
+  mm = lambda spec, a, b: jnp.einsum(spec, a.astype(v.dtype), b.astype(v.dtype), preferred_element_type=jnp.float32)
+  dv = mm("bhqk,bhqd->bkhd", probs, dout)
+  dprobs = mm("bhqd,bhkd->bhqk", dout, _heads_first(v))
+  delta = jnp.sum(dout * out, axis=-1, keepdims=True)
+  ds = jnp.where(mask[:, None, :, :], probs * (dprobs - delta), 0.0) * scale
+  dq_nope = mm("bhqk,bhkd->bqhd", ds, _heads_first(k_nope))
+  dq_rot = mm("bhqk,bkr->bqhr", ds, k_rot)
+  dk_nope = mm("bhqk,bhqd->bkhd", ds, _heads_first(q_nope))
+  dk_rot = mm("bhqk,bhqr->bkr", ds, _heads_first(q_rot))
+  cast = lambda g, x: g.astype(x.dtype)
+  return (cast(dq_nope, q_nope), cast(dq_rot, q_rot), cast(dk_nope, k_nope), cast(dk_rot, k_rot), cast(dv, v),
+          None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attend(q_nope, q_rot, k_nope, k_rot, v, mask, scale):
+  return _attend_fwd(q_nope, q_rot, k_nope, k_rot, v, mask, scale)[0]
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def attend(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Array, v: jax.Array,
            mask: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """Softmax attention with materialised logits (QK-Clip needs their max).
@@ -44,20 +95,12 @@ def attend(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Ar
   logits = (q_nope . k_nope + q_rot . k_rot) * scale, with the rope key shared by all heads (MLA), so neither the
   per-head keys [k_nope | k_rot] nor the queries are ever concatenated. q_nope [B,Lq,H,Dn], q_rot [B,Lq,H,Dr],
   k_nope [B,Lk,H,Dn], k_rot [B,Lk,Dr], v [B,Lk,H,Dv], mask [B,Lq,Lk]. Returns (out [B,Lq,H,Dv], max_logit [H] f32).
-  Softmax statistics in f32; fully masked query rows (padding) give finite garbage that losses mask out.
+  Softmax statistics in f32; fully masked query rows (padding) give finite garbage that losses mask out. The
+  backward is written out (`_attend_bwd`, the standard softmax-attention gradient) so the [B,H,Lq,Lk] passes are
+  one fused elementwise op rather than autodiff's chain through the normalisation.
   """
-  heads_first = lambda a: a.transpose(0, 2, 1, 3)        # [B, L, H, D] -> [B, H, L, D]: plain batched matmuls
-  logits = (jnp.einsum("bhqd,bhkd->bhqk", heads_first(q_nope), heads_first(k_nope),
-                       preferred_element_type=jnp.float32)
-            + jnp.einsum("bhqr,bkr->bhqk", heads_first(q_rot), k_rot, preferred_element_type=jnp.float32)) * scale
-  logits = jnp.where(mask[:, None, :, :], logits, NEG_INF)
-  # Softmax with the normalisation deferred past the value product: one row max (shared with QK-Clip's statistic;
-  # the shift cancels, so it carries no gradient), and the division on [.., Dv] outputs rather than [.., Lk] probs.
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.exp(logits - row_max)
-  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), heads_first(v), preferred_element_type=jnp.float32)
-  out = (out / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
-  return heads_first(out), jnp.max(row_max, axis=(0, 2, 3))
+  out, max_logit = _attend(q_nope, q_rot, k_nope, k_rot, v, mask, float(scale))
+  return out, jax.lax.stop_gradient(max_logit)
 
 
 def attend_causal_blocks(q_nope: jax.Array, q_rot: jax.Array, k_nope: jax.Array, k_rot: jax.Array, v: jax.Array,

@@ -10,7 +10,8 @@ Digest §2.2 (joint pre-training with MuonClip; losses) and §8 (QK-Clip thresho
   max_bad_steps    consecutive non-finite losses (each update skipped) that stop the run
   checkpoint       every (steps; 0 = only at the end and on SIGTERM), keep (newest N), async_save
   eval             every (steps between held-out text/vision losses; 0 = end only), suite_n (items per category
-                   of the six-category likelihood suite at the end; 0 = off), with_images
+                   of the six-category likelihood suite at the end; 0 = off), with_images, suite_seed (the
+                   suite's items: fixed across training seeds, so seeds vary the model, not the test set)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def trainer_config(name: str = "tiny") -> ml_collections.ConfigDict:
       mtp_loss_weight=0.3,
       max_bad_steps=3,
       checkpoint=dict(every=1000 if big else 50, keep=2, async_save=True),
-      eval=dict(every=0 if big else 25, suite_n=0 if big else 16, with_images=True),
+      eval=dict(every=0 if big else 25, suite_n=0 if big else 16, with_images=True, suite_seed=0),
   ))
 
 

@@ -192,7 +192,7 @@ class Trainer:
     from k25jax.evals import run_suite_choice
     return run_suite_choice(self.score_fn(state), n_per_category=int(config.trainer.eval.suite_n),
                             with_images=bool(config.trainer.eval.with_images) and is_multimodal(config),
-                            seed=int(config.seed))
+                            seed=int(config.trainer.eval.suite_seed))
 
   # -------------------------------------------------------------------------------------------------------- train
   def run(self, config: ml_collections.ConfigDict, workdir: str, *, log: Callable[[str], None] = print,

@@ -11,7 +11,11 @@ of the same call with one new token (prefill + the first token), `decode_step_ms
 Ours and transformers' runs are interleaved rep by rep, and the 1-minute load average is recorded per batch size
 (the measurement is only meaningful on an otherwise idle machine).
 
-  python -m benchmarks.sampler --out /tmp/sampler_bench.json [--preset small] [--batches 1,8,32]
+Ours runs data-parallel over one XLA CPU device per core (`k25jax.runtime.cpu_device_per_core`, `--cpu_devices`
+overrides), each batch on as many devices as divide it (batch 1: one device); transformers uses torch's default
+intra-op threads (one per core), so both use the whole machine.
+
+  python -m benchmarks.sampler --out /tmp/sampler_bench.json [--preset small] [--batches 1,8,32] [--cpu_devices N]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import time
@@ -33,6 +38,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from k25jax.configs import get_config, validate  # noqa: E402
 from k25jax.model import K2LM, text_inputs  # noqa: E402
+from k25jax.runtime import cpu_device_per_core  # noqa: E402
 from k25jax.sample import generate  # noqa: E402
 from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 
@@ -134,13 +140,17 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--init_std", type=float, default=0.1,
                       help="weight init std: larger than the 0.02 default so greedy argmax is not a near-tie")
+  parser.add_argument("--cpu_devices", type=int, default=0, help="XLA CPU devices (default 0: one per core)")
   args = parser.parse_args()
+  cpu_device_per_core(args.cpu_devices or None)
 
   config = get_config(args.preset)
   config.model.initializer_range = args.init_std
   validate(config)
   m = config.model
-  mesh, rules = make_mesh(config), get_rules(config)
+  rules = get_rules(config)
+  mesh_for = lambda rows: make_mesh(config, jax.devices()[:math.gcd(rows, jax.device_count())])
+  mesh = mesh_for(2)
   x = text_inputs(1, 8)
   variables, _ = init_sharded(K2LM(m).init, mesh, rules, jax.random.key(config.seed), x["tokens"], x["positions"],
                               x["segment_ids"])
@@ -174,8 +184,8 @@ def main() -> None:
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]
-    ours = lambda new: generate(params, moe_state, config, rows, max_new_tokens=new, rng=jax.random.key(0),
-                                greedy=True, mesh=mesh)
+    ours = lambda new, mesh=mesh_for(b): generate(params, moe_state, config, rows, max_new_tokens=new,
+                                                  rng=jax.random.key(0), greedy=True, mesh=mesh)
     hf_run = lambda new: hf_generate(hf, prompts, new)
     t = timed({(who, new): functools.partial(fn, new) for who, fn in (("ours", ours), ("hf", hf_run))
                for new in (args.new, 1)}, args.reps)
@@ -192,7 +202,8 @@ def main() -> None:
 
   result = dict(
       benchmark="sampler", preset=args.preset, prompt_len=args.prompt, new_tokens=args.new, reps=args.reps,
-      init_std=args.init_std, moe_dispatch=m.moe_dispatch, dtype=m.dtype, devices=len(mesh.devices.flat),
+      init_std=args.init_std, moe_dispatch=m.moe_dispatch, dtype=m.dtype,
+      devices={str(b): math.gcd(b, jax.device_count()) for b in ours_tps},
       ours_tokens_per_s={str(k): v for k, v in ours_tps.items()},
       hf_tokens_per_s={str(k): v for k, v in hf_tps.items()},
       speedup={str(k): v for k, v in speedup.items()}, split={str(k): v for k, v in split.items()},

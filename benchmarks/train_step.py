@@ -1,6 +1,7 @@
 """Train-step benchmark: matmul peak, tokens/s and MFU of the `small` LM, and the MoE dispatch paths side by side.
 
 python -m benchmarks.train_step --out out/train_step.json [--preset small] [--steps 8] [--batches 32,8]
+                                 [--cpu_devices N]
 
 Everything is measured in this one process: first the machine's matmul peak (jitted square `jax.lax.dot`, median
 of repeats, for the model's compute dtype; measured again after the steps, and the larger of the two is used),
@@ -8,6 +9,12 @@ then, for each global batch of `--batches` (sequences of
 `train.seq_len`), the trainer's jitted, donated step (forward, backward, MuonClip update, QK-Clip, MoE bias update)
 of the text-only LM and of the multimodal K25Model (FLOPs from `k25jax.train.flops`), then each expert dispatch's
 forward + backward at (E=64, k=8) and (E=8, k=2). MFU = model FLOPs per second / measured peak.
+
+On a CPU host the steps run data-parallel over one XLA device per core (`k25jax.runtime.cpu_device_per_core`;
+`--cpu_devices` overrides the count): XLA:CPU runs most of a step's ops on one thread, so one program per core is
+how the step uses the whole machine, as it would use every chip of a slice. The peak is one matmul on one device
+(its Eigen kernel already uses every core), so MFU still compares against the whole machine. The headline text
+step is timed on a single device as well (`single_device`) for comparison.
 
 The headline is the first batch (32 x 256 = 8192 tokens per step). Muon's Newton-Schulz costs a fixed ~15 GFLOP
 per step on `small` whatever the batch (MFU counts model FLOPs only), as much as a forward + backward of 2048
@@ -30,6 +37,7 @@ import numpy as np
 from k25jax import sharding as shd
 from k25jax.configs import get_config, validate
 from k25jax.model import moe as moe_lib
+from k25jax.runtime import cpu_device_per_core
 from k25jax.train import flops
 
 
@@ -52,11 +60,11 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num_patches: int, max_items: int,
-               overrides: dict) -> dict:
+               overrides: dict, devices: list | None = None) -> dict:
   """The trainer's jitted, donated step (`k25jax.train.step`: forward, backward, optimizer update, QK-Clip, MoE
   bias update) on packed synthetic batches. Text-only: the K2LM with no media. Multimodal: K25Model (MoonViT-3D +
   projector + LM) with `max_items` media items packed in `num_patches` patches; FLOPs = LM FLOPs per token x
-  tokens + the vision path's FLOPs (`k25jax.train.flops`)."""
+  tokens + the vision path's FLOPs (`k25jax.train.flops`). `devices`: the mesh's devices (default: all)."""
   from k25jax.data.pipeline import to_global_batch  # noqa: PLC0415
   from k25jax.data.tokenizer import ByteTokenizer  # noqa: PLC0415
   from k25jax.train import dep, state as state_lib, step as step_lib  # noqa: PLC0415
@@ -67,7 +75,7 @@ def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num
     group, name = key.split(".")
     config[group][name] = type(config[group][name])(value)
   validate(config)
-  mesh = shd.make_mesh(config)
+  mesh = shd.make_mesh(config, devices)
   pad = ByteTokenizer().media_pad_id
   state, shardings, tx = state_lib.init_state(config, mesh)
   step = step_lib.make_train_step(config, mesh, state_lib.build_model(config), tx, shardings, media_pad_id=pad)
@@ -91,6 +99,7 @@ def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num
   step_s = statistics.median(times[1:])
   step_flops = flops.train_flops_per_token(m, l) * b * l
   out = dict(model="K25Model" if multimodal else "K2LM", optimizer=optimizer, dtype=m.dtype,
+             mesh={k: int(v) for k, v in mesh.shape.items() if v > 1} or {"data": 1},
              moe_dispatch=moe_lib.resolve_dispatch(m.moe_dispatch), batch=b, seq_len=l, step_s=step_s,
              compile_s=compile_s, tokens_per_s=b * l / step_s, final_loss=float(metrics["loss"]))
   if multimodal:
@@ -136,7 +145,10 @@ def main() -> None:
   parser.add_argument("--patches", type=int, default=512, help="patch budget of the multimodal batch")
   parser.add_argument("--items", type=int, default=16, help="media item slots of the multimodal batch")
   parser.add_argument("--set", action="append", default=[], help="group.field=value override, e.g. model.remat_policy=dots")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="XLA CPU devices for the steps' mesh (default 0: one per core)")
   args = parser.parse_args()
+  cpu_device_per_core(args.cpu_devices or None)
   overrides = {}
   for item in args.set:
     key, value = item.split("=", 1)
@@ -152,6 +164,11 @@ def main() -> None:
                        overrides={**overrides, "train.batch_size": batch}, **kw)
       runs[name] = run
     by_batch[str(batch)] = runs
+  headline_batch = int(args.batches.split(",")[0])
+  single = None
+  if jax.device_count() > 1:
+    single = bench_step(args.preset, args.steps, multimodal=False, devices=jax.devices()[:1],
+                        overrides={**overrides, "train.batch_size": headline_batch}, **kw)
   # The peak again after the steps; MFU uses the larger of the two (a load spike during either measurement can
   # only lower a peak, so the larger one is the conservative denominator).
   peak_after = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
@@ -159,6 +176,9 @@ def main() -> None:
   for batch, runs in by_batch.items():
     for run in runs.values():
       run["mfu"] = run["model_flops_per_s"] / peak[dtype]
+  if single is not None:
+    single["mfu"] = single["model_flops_per_s"] / peak[dtype]
+    print(f"batch {headline_batch} text on 1 device: {single['tokens_per_s']:.0f} tok/s, MFU {single['mfu']:.3f}")
     print(f"batch {batch}x{runs['text']['seq_len']}: text {runs['text']['tokens_per_s']:.0f} tok/s, step "
           f"{runs['text']['step_s'] * 1e3:.0f} ms, MFU {runs['text']['mfu']:.3f}; multimodal "
           f"{runs['multimodal']['tokens_per_s']:.0f} tok/s, MFU {runs['multimodal']['mfu']:.3f} "
@@ -174,7 +194,7 @@ def main() -> None:
       device=jax.devices()[0].device_kind, device_count=jax.device_count(), cpu_count=os.cpu_count(),
       peak_flops=peak[dtype], peak_flops_by_dtype=peak, peak_flops_before=peak_before,
       peak_flops_after=peak_after, **headline["text"],
-      multimodal=headline["multimodal"], by_batch=by_batch, dispatch=dispatch, default_cpu_dispatch=default,
+      multimodal=headline["multimodal"], single_device=single, by_batch=by_batch, dispatch=dispatch, default_cpu_dispatch=default,
       default_speedup_vs_slowest_E64=max(e64.values()) / e64[default],
       notes="headline = the first of --batches; dispatch: seconds per forward+backward call; 'ep' runs on a mesh "
             f"whose expert axis spans the {jax.device_count()} local device(s)")

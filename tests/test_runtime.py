@@ -36,3 +36,21 @@ def test_allocator_env_is_idempotent():
     return
   assert env["LD_PRELOAD"].count("jemalloc") == 1 and env["MALLOC_CONF"] == runtime.MALLOC_CONF
   assert runtime.allocator_env(env) is None         # already preloaded: no second re-exec
+
+
+_DEVICES = ("import jax; from k25jax import runtime; n = runtime.cpu_device_per_core({count}); "
+            "print(n, jax.device_count(), jax.devices()[0].platform)")
+
+
+def test_cpu_device_per_core_sets_the_device_count():
+  """Explicit count, and the default of one device per usable core; it wins over an inherited XLA flag."""
+  for count, want in ((3, 3), (None, len(os.sched_getaffinity(0)))):
+    out = subprocess.run([sys.executable, "-c", _DEVICES.format(count=count)], env=_clean_env(), check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == [str(want), str(want), "cpu"]
+
+
+def test_cpu_device_per_core_refuses_after_jax_started():
+  code = "import jax; jax.devices(); from k25jax import runtime; runtime.cpu_device_per_core(2)"
+  proc = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True)
+  assert proc.returncode != 0 and "before backends are initialized" in proc.stderr

@@ -175,12 +175,18 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
 
 def test_decode_moe_config_picks_dense_once_every_expert_is_read():
   """Decode steps switch the CPU dispatch to `dense` once tokens * top-k >= experts (its equality with the
-  per-token reference is tests/test_model.py's); below that `blocked` with a shrunken tile; `ragged` is kept."""
+  per-token reference is tests/test_model.py's); below that `blocked` with a shrunken tile; `ragged` is kept.
+  Tokens count per device: a data-parallel mesh splits the rows."""
   m = get_config("tiny").model          # 8 experts, top-2, blocked tile 64
   m.moe_dispatch = "blocked"
   assert engine.decode_moe_config(engine.freeze(m), 4).moe_dispatch == "dense"
   small = engine.decode_moe_config(engine.freeze(m), 3)
   assert (small.moe_dispatch, small.moe_block_size) == ("blocked", 1)
+  cfg = get_config("tiny")
+  cfg.mesh.update(data=2)
+  with jax.set_mesh(make_mesh(cfg, jax.devices()[:2])):    # each device decodes its own half of the rows
+    assert engine.decode_moe_config(engine.freeze(m), 4).moe_dispatch == "blocked"
+    assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
   m.moe_dispatch = "ragged"
   assert engine.decode_moe_config(engine.freeze(m), 64).moe_dispatch == "ragged"
 

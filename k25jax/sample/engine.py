@@ -239,15 +239,22 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
 
 def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int) -> ml_collections.FrozenConfigDict:
   """The model config for one-token decode steps of `batch` rows, for the single-device CPU dispatches
-  (`blocked` / `dense`; `ragged` and expert-parallel `ep` are kept). Once batch * top-k >= experts a step reads
-  about every expert's weights anyway, and `dense` reads each once, while `blocked` copies a weight tile per row
-  tile; below that, `blocked` with its tile shrunk to the next power of two >= batch * top-k / experts (capped by
-  `moe_block_size`). Neither choice changes results, only the work. Needs the mesh in context (`auto`)."""
+  (`blocked` / `dense`; `ragged` and expert-parallel `ep` are kept). The dispatch runs on each device's own rows
+  (the context mesh splits the batch over its data axes): once those rows * top-k reach the expert count a step
+  reads about every expert's weights anyway, and `dense` reads each once, while `blocked` copies a weight tile per
+  row tile; below that, `blocked` with its tile shrunk to the next power of two >= rows * top-k / experts (capped
+  by `moe_block_size`). Neither choice changes results, only the work. Needs the mesh in context (`auto`).
+
+  Measured and not kept: rows grouped per expert up to a capacity of twice the mean load (falling back to `dense`
+  on overflow) ran a batch-32 decode step only ~3% faster than `dense` on this CPU: its [E, C, D] x [E, D, F]
+  products are too small to run near the matmul peak."""
   if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
     return m
-  if batch * m.num_experts_per_tok >= m.n_routed_experts:
+  mesh = jax.sharding.get_abstract_mesh()
+  rows = -(-batch // (1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))))
+  if rows * m.num_experts_per_tok >= m.n_routed_experts:
     return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "dense"})
-  rows_per_expert = -(-batch * m.num_experts_per_tok // m.n_routed_experts)
+  rows_per_expert = -(-rows * m.num_experts_per_tok // m.n_routed_experts)
   block = min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length())
   return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "blocked",
                                           "moe_block_size": block})

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -64,7 +65,8 @@ def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num
   """The trainer's jitted, donated step (`k25jax.train.step`: forward, backward, optimizer update, QK-Clip, MoE
   bias update) on packed synthetic batches. Text-only: the K2LM with no media. Multimodal: K25Model (MoonViT-3D +
   projector + LM) with `max_items` media items packed in `num_patches` patches; FLOPs = LM FLOPs per token x
-  tokens + the vision path's FLOPs (`k25jax.train.flops`). `devices`: the mesh's devices (default: all)."""
+  tokens + the vision path's FLOPs (`k25jax.train.flops`). `devices`: the mesh's devices (default: as many
+  as divide the batch)."""
   from k25jax.data.pipeline import to_global_batch  # noqa: PLC0415
   from k25jax.data.tokenizer import ByteTokenizer  # noqa: PLC0415
   from k25jax.train import dep, state as state_lib, step as step_lib  # noqa: PLC0415
@@ -75,7 +77,7 @@ def bench_step(preset: str, steps: int, *, multimodal: bool, optimizer: str, num
     group, name = key.split(".")
     config[group][name] = type(config[group][name])(value)
   validate(config)
-  mesh = shd.make_mesh(config, devices)
+  mesh = shd.make_mesh(config, devices or jax.devices()[:math.gcd(config.train.batch_size, jax.device_count())])
   pad = ByteTokenizer().media_pad_id
   state, shardings, tx = state_lib.init_state(config, mesh)
   step = step_lib.make_train_step(config, mesh, state_lib.build_model(config), tx, shardings, media_pad_id=pad)
@@ -176,13 +178,14 @@ def main() -> None:
   for batch, runs in by_batch.items():
     for run in runs.values():
       run["mfu"] = run["model_flops_per_s"] / peak[dtype]
+    print(f"batch {batch}x{runs['text']['seq_len']} on {runs['text']['mesh']}: text "
+          f"{runs['text']['tokens_per_s']:.0f} tok/s, step {runs['text']['step_s'] * 1e3:.0f} ms, MFU "
+          f"{runs['text']['mfu']:.3f}; multimodal {runs['multimodal']['tokens_per_s']:.0f} tok/s, MFU "
+          f"{runs['multimodal']['mfu']:.3f} ({runs['multimodal']['items']} items, {runs['multimodal']['patches']} "
+          "patches)")
   if single is not None:
     single["mfu"] = single["model_flops_per_s"] / peak[dtype]
     print(f"batch {headline_batch} text on 1 device: {single['tokens_per_s']:.0f} tok/s, MFU {single['mfu']:.3f}")
-    print(f"batch {batch}x{runs['text']['seq_len']}: text {runs['text']['tokens_per_s']:.0f} tok/s, step "
-          f"{runs['text']['step_s'] * 1e3:.0f} ms, MFU {runs['text']['mfu']:.3f}; multimodal "
-          f"{runs['multimodal']['tokens_per_s']:.0f} tok/s, MFU {runs['multimodal']['mfu']:.3f} "
-          f"({runs['multimodal']['items']} items, {runs['multimodal']['patches']} patches)")
   dispatch = {
       "E64_k8": bench_dispatch(64, 8, args.dispatch_tokens, 256, 128, repeats=3),
       "E8_k2": bench_dispatch(8, 2, args.dispatch_tokens, 256, 128, repeats=3),

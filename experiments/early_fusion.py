@@ -6,7 +6,7 @@ Each arm is pre-trained from scratch (K2.5 = MoonViT-3D + projector + K2 MoE LM,
 the six-category held-out suite by likelihood, and its held-out text loss is tracked through training (the
 "dip-and-recover" of Figure 9 / Appendix B.1).
 
-  python -m experiments.early_fusion --workdir DIR                          # default: 3 seeds, ~8 min on 2 cores
+  python -m experiments.early_fusion --workdir DIR                          # default: 3 seeds, ~6 min on 2 cores
   python -m experiments.early_fusion --workdir DIR --config.train.steps=300 --config.experiment.seeds="(0,)"
   python -m experiments.early_fusion --workdir DIR --config=experiments/early_fusion.py:pod   # TPU pod shapes
 
@@ -27,6 +27,7 @@ import numpy as np
 from k25jax.configs import get_config as preset_config
 from k25jax.data.mixture import TABLE1_ARMS
 from k25jax.evals import CATEGORIES
+from k25jax.runtime import cpu_devices_for_training
 
 ARMS = ("early", "mid", "late")
 # Digest §2.1, Table 1 (scores in %).
@@ -205,6 +206,7 @@ def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cpu_devices_for_training(flags.FLAGS.config)
   run(flags.FLAGS.config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
 
 

@@ -70,6 +70,21 @@ def cpu_device_per_core(count: int | None = None) -> int:
   return count
 
 
+def cpu_devices_for_training(config) -> int:
+  """One CPU device per core for a training entry point (call it before any JAX operation), when that keeps
+  `config` valid: the mesh is the default (`data` fills the devices, every other axis 1), the process was not given
+  a device count through XLA_FLAGS, and the batch splits evenly. Returns the device count chosen: the largest
+  divisor of `config.train.batch_size` not above the core count (1: nothing changed). Only the CPU platform is
+  affected, so runs on accelerators are unchanged."""
+  axes = config.mesh
+  default_mesh = axes.data == -1 and axes.fsdp == axes.expert == axes.tensor == 1
+  if not default_mesh or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 1
+  cores, batch = len(os.sched_getaffinity(0)), int(config.train.batch_size)
+  count = max(n for n in range(1, cores + 1) if batch % n == 0)
+  return cpu_device_per_core(count) if count > 1 else 1
+
+
 def main(argv: list[str]) -> None:
   """`python -m k25jax.runtime CMD [ARGS...]`: runs CMD with jemalloc preloaded when available."""
   if not argv:

@@ -54,3 +54,21 @@ def test_cpu_device_per_core_refuses_after_jax_started():
   code = "import jax; jax.devices(); from k25jax import runtime; runtime.cpu_device_per_core(2)"
   proc = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True)
   assert proc.returncode != 0 and "before backends are initialized" in proc.stderr
+
+
+_TRAINING = ("import jax; from k25jax import runtime; from k25jax.configs import get_config; c = get_config('tiny'); "
+             "c.train.batch_size = 6; {edit}; print(runtime.cpu_devices_for_training(c), jax.device_count())")
+
+
+def test_cpu_devices_for_training_splits_the_batch_over_the_cores():
+  """The largest divisor of the batch (6) within the core count, and nothing when the mesh or XLA_FLAGS is set."""
+  env = {k: v for k, v in _clean_env().items() if k != "XLA_FLAGS"}
+  cores = len(os.sched_getaffinity(0))
+  want = max(n for n in range(1, cores + 1) if 6 % n == 0)
+  cases = (("pass", env, want), ("c.mesh.fsdp = 2", env, 1),
+           ("pass", {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 1))
+  for edit, child_env, count in cases:
+    out = subprocess.run([sys.executable, "-c", _TRAINING.format(edit=edit)], env=child_env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    devices = 3 if "XLA_FLAGS" in child_env else count
+    assert out == [str(count), str(devices)], (edit, out)

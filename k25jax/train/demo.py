@@ -14,6 +14,7 @@ from absl import app
 from k25jax import sharding as shd
 from k25jax.configs import cli, validate
 from k25jax.optim import make_optimizer
+from k25jax.runtime import cpu_devices_for_training
 from k25jax.train import simple
 
 _CONFIG = cli.define_config_flag()
@@ -22,6 +23,7 @@ _CONFIG = cli.define_config_flag()
 def main(argv):
   del argv
   config = validate(_CONFIG.value)
+  cpu_devices_for_training(config)
   mesh = shd.make_mesh(config)
   tx = make_optimizer(config, simple.abstract_params(config))
   state, shardings = simple.init_state(config, mesh, tx, config.seed)

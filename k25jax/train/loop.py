@@ -39,6 +39,7 @@ from k25jax.data import chat
 from k25jax.data.packing import PackSpec, pack
 from k25jax.data.pipeline import make_eval_iterator, make_train_iterator, to_global_batch
 from k25jax.data.tokenizer import ByteTokenizer
+from k25jax.runtime import cpu_devices_for_training
 from k25jax.train.checkpoint import Checkpointer, config_json
 from k25jax.train.metrics import MetricsWriter, Progress, to_scalars
 from k25jax.train.state import abstract_state, build_model, init_state, is_multimodal
@@ -301,6 +302,7 @@ def main(argv) -> None:
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cpu_devices_for_training(flags.FLAGS.config)
   result = train(flags.FLAGS.config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
   print(json.dumps({"status": result["status"], "step": result["step"]}), flush=True)
 

@@ -11,6 +11,12 @@ of the same call with one new token (prefill + the first token), `decode_step_ms
 Ours and transformers' runs are interleaved rep by rep, and the 1-minute load average is recorded per batch size
 (the measurement is only meaningful on an otherwise idle machine).
 
+The JSON's `decode_bound` puts each decode step against the machine: the f32 matmul peak measured in this
+process (`benchmarks.train_step.matmul_peak`), the model FLOPs of one step (2 x active matmul parameters per row,
+`k25jax.train.flops`, plus QK and AV over the mean context) and the FLOPs the step executes (with the `dense`
+decode dispatch every routed expert runs on every row), the step time each would take at that peak, the decode
+MFU, and the decode step that `--target` x transformers' tokens/s would need after our measured prefill.
+
 Ours runs data-parallel over one XLA CPU device per core (`k25jax.runtime.cpu_device_per_core`, `--cpu_devices`
 overrides), each batch on as many devices as divide it (batch 1: one device); transformers uses torch's default
 intra-op threads (one per core), so both use the whole machine.
@@ -38,8 +44,13 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from k25jax.configs import get_config, validate  # noqa: E402
 from k25jax.model import K2LM, text_inputs  # noqa: E402
+from k25jax.model.lm import freeze  # noqa: E402
 from k25jax.runtime import cpu_device_per_core  # noqa: E402
 from k25jax.sample import generate  # noqa: E402
+from k25jax.sample.engine import decode_moe_config  # noqa: E402
+from k25jax.train import flops  # noqa: E402
+
+from benchmarks.train_step import matmul_peak  # noqa: E402
 from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 
 
@@ -116,6 +127,25 @@ def hf_generate(model, prompts: np.ndarray, new: int) -> np.ndarray:
   return out[:, prompts.shape[1]:].numpy()
 
 
+def decode_bound(m, mesh, batch: int, prompt: int, new: int, step_s: float, prefill_s: float, hf_tps: float,
+                 peak: float, target: float) -> dict:
+  """One decode step of `batch` rows against the f32 peak (module docstring). Context: prompt + new / 2."""
+  context = prompt + new / 2
+  qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+  attention = m.num_hidden_layers * 2 * m.num_attention_heads * (qk + v) * context
+  model = batch * (2 * flops.matmul_params_per_token(m) + attention)
+  with jax.set_mesh(mesh):
+    dispatch = decode_moe_config(freeze(m), batch).moe_dispatch
+  idle_experts = m.n_routed_experts - m.num_experts_per_tok if dispatch == "dense" else 0
+  extra = (m.num_hidden_layers - m.first_k_dense_replace) * 3 * m.hidden_size * m.moe_intermediate_size
+  executed = model + batch * 2 * idle_experts * extra
+  needed = (batch * new / (target * hf_tps) - prefill_s) / (new - 1)
+  return dict(dispatch=dispatch, model_flops=model, executed_flops=executed, peak_flops=peak,
+              model_flops_at_peak_ms=1e3 * model / peak, executed_flops_at_peak_ms=1e3 * executed / peak,
+              decode_mfu=model / step_s / peak, step_ms=1e3 * step_s,
+              **{f"step_ms_for_{target:g}x": 1e3 * needed})
+
+
 def timed(fns: dict, reps: int) -> dict:
   """Median wall seconds of each zero-argument callable: one warm-up each (compiles ours), then `reps` rounds
   that run every callable once, interleaved so that load changes hit all of them alike."""
@@ -140,6 +170,7 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--init_std", type=float, default=0.1,
                       help="weight init std: larger than the 0.02 default so greedy argmax is not a near-tie")
+  parser.add_argument("--target", type=float, default=5.0, help="speedup whose decode step `decode_bound` reports")
   parser.add_argument("--cpu_devices", type=int, default=0, help="XLA CPU devices (default 0: one per core)")
   args = parser.parse_args()
   cpu_device_per_core(args.cpu_devices or None)
@@ -180,7 +211,8 @@ def main() -> None:
 
   if args.new < 2:
     raise ValueError(f"--new={args.new}: need >= 2 new tokens to separate prefill from decode steps")
-  ours_tps, hf_tps, speedup, split, load = {}, {}, {}, {}, {}
+  peak = matmul_peak("float32")
+  ours_tps, hf_tps, speedup, split, load, bound = {}, {}, {}, {}, {}, {}
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]
@@ -195,10 +227,15 @@ def main() -> None:
     split[b] = {who: dict(total_s=t[(who, args.new)], prefill_s=t[(who, 1)],
                           decode_step_ms=1e3 * (t[(who, args.new)] - t[(who, 1)]) / (args.new - 1))
                 for who in ("ours", "hf")}
+    bound[b] = decode_bound(m, mesh_for(b), b, args.prompt, args.new, split[b]["ours"]["decode_step_ms"] / 1e3,
+                            t[("ours", 1)], hf_tps[b], peak, args.target)
     print(f"batch {b:3d}: ours {ours_tps[b]:9.1f} tok/s   transformers {hf_tps[b]:9.1f} tok/s   "
           f"speedup {speedup[b]:6.2f}x   prefill ours/hf {t[('ours', 1)] * 1e3:.0f}/{t[('hf', 1)] * 1e3:.0f} ms   "
           f"decode step ours/hf {split[b]['ours']['decode_step_ms']:.2f}/{split[b]['hf']['decode_step_ms']:.2f} ms"
-          f"   load {load[b]:.2f}")
+          f"   load {load[b]:.2f}\n           decode step {bound[b]['step_ms']:.2f} ms ({bound[b]['dispatch']}): "
+          f"model FLOPs at peak {bound[b]['model_flops_at_peak_ms']:.2f} ms, executed at peak "
+          f"{bound[b]['executed_flops_at_peak_ms']:.2f} ms, decode MFU {bound[b]['decode_mfu']:.3f}; "
+          f"{args.target:g}x needs {bound[b][f'step_ms_for_{args.target:g}x']:.2f} ms")
 
   result = dict(
       benchmark="sampler", preset=args.preset, prompt_len=args.prompt, new_tokens=args.new, reps=args.reps,
@@ -208,6 +245,7 @@ def main() -> None:
       hf_tokens_per_s={str(k): v for k, v in hf_tps.items()},
       speedup={str(k): v for k, v in speedup.items()}, split={str(k): v for k, v in split.items()},
       loadavg_1min={str(k): v for k, v in load.items()}, agreement=agreement,
+      decode_bound={str(k): v for k, v in bound.items()},
       versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
       torch_threads=torch.get_num_threads(), machine=platform.machine(), cpus=os.cpu_count())
   with open(args.out, "w") as f:

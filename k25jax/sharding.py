@@ -51,6 +51,7 @@ _DEFAULT = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_kv_lora", None),   # the decode cache's latent (k25jax/sample/cache.py)
     ("act_exp", "expert"),
     ("patch", BATCH_AXES),
     ("act_vit_embed", None),

@@ -167,6 +167,24 @@ def test_router_bias_changes_selection_not_weights():
     np.testing.assert_allclose(w, s / s.sum(-1, keepdims=True) * m.routed_scaling_factor, rtol=1e-5)
 
 
+def test_route_local_equals_route_on_a_sharded_batch():
+  """Routing on each device's own rows (an 8-device data x expert mesh, group-limited top-k) gives the same
+  experts and weights as routing the whole batch at once."""
+  cfg = tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+  cfg.mesh.update(data=4, expert=2)
+  m = cfg.model
+  scores = jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (64, 8)))
+  bias = 0.1 * jax.random.normal(jax.random.key(1), (8,))
+  idx_ref, w_ref = moe_lib.route(scores, bias, m)
+  mesh = shd.make_mesh(cfg)
+  with jax.set_mesh(mesh):
+    rows = jax.device_put(scores, jax.sharding.NamedSharding(mesh, jax.P(shd.BATCH_AXES, None)))
+    idx, w = jax.jit(lambda s, b: moe_lib.route_local(s, b, m))(rows, bias)
+  assert mesh.size == 8 and idx.sharding.spec[0] == shd.BATCH_AXES
+  np.testing.assert_array_equal(idx, idx_ref)
+  np.testing.assert_allclose(w, w_ref, rtol=1e-6)
+
+
 def test_group_limited_routing_matches_reference():
   m = tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3).model
   rng = np.random.default_rng(0)

@@ -1,5 +1,8 @@
 """Sampling engine with MLA's latent cache (k25jax.sample), checked against the model's own full forward."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +14,8 @@ from k25jax.model import K2LM, text_inputs
 from k25jax.model.moe import MoE
 from k25jax.sample import (engine, filter_logits, forward_with_cache, generate, init_cache,
                             logits_from_hidden, sample_tokens)
-from k25jax.sample.cache import slot_segments_and_positions
-from k25jax.sharding import get_rules, init_sharded, make_mesh
+from k25jax.sample.cache import cache_sharding, slot_segments_and_positions
+from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, init_sharded, make_mesh
 
 PROMPTS = [[5, 17, 301], [9, 2, 44, 101, 7, 260, 33], [480], [12, 12, 99, 3, 450]]
 MAX_NEW = 8
@@ -146,14 +149,20 @@ def test_top_k_one_equals_greedy_and_sampling_is_reproducible(setup, greedy_out)
 
 
 def test_one_device_and_eight_devices_agree(setup, greedy_out):
-  """Same greedy tokens, and the same samples for a fixed key (per-row keys ignore batch padding/sharding)."""
+  """Same greedy tokens, and the same samples for a fixed key (per-row keys ignore batch padding/sharding). The
+  one-device greedy run decodes the prompts twice over: 8 rows x top-2 = 2 x 8 experts, the `dense` decode
+  dispatch (`decode_moe_config`), while the 8-device run has one row per device (`blocked`)."""
   config, mesh8, _, params, state = setup
   assert mesh8.size == 8
   mesh1 = make_mesh(config, jax.devices()[:1])
-  one = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+  with jax.set_mesh(mesh1):
+    assert engine.decode_moe_config(engine.freeze(config.model), 2 * len(PROMPTS)).moe_dispatch == "dense"
+  one = generate(params, state, config, PROMPTS * 2, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
                  mesh=mesh1)
-  np.testing.assert_array_equal(one["tokens"], greedy_out["tokens"])
-  np.testing.assert_allclose(one["logprobs"], greedy_out["logprobs"], rtol=1e-4, atol=1e-5)
+  for half in (one["tokens"][:len(PROMPTS)], one["tokens"][len(PROMPTS):]):
+    np.testing.assert_array_equal(half, greedy_out["tokens"])
+  for half in (one["logprobs"][:len(PROMPTS)], one["logprobs"][len(PROMPTS):]):
+    np.testing.assert_allclose(half, greedy_out["logprobs"], rtol=1e-4, atol=1e-5)
   s1 = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(11), temperature=2.0,
                 mesh=mesh1)
   s8 = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(11), temperature=2.0,
@@ -174,21 +183,52 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
 
 
 def test_decode_moe_config_picks_dense_once_every_expert_is_read():
-  """Decode steps switch the CPU dispatch to `dense` once tokens * top-k >= experts (its equality with the
+  """Decode steps switch the CPU dispatch to `dense` once tokens * top-k >= 2 x experts (its equality with the
   per-token reference is tests/test_model.py's); below that `blocked` with a shrunken tile; `ragged` is kept.
   Tokens count per device: a data-parallel mesh splits the rows."""
   m = get_config("tiny").model          # 8 experts, top-2, blocked tile 64
   m.moe_dispatch = "blocked"
-  assert engine.decode_moe_config(engine.freeze(m), 4).moe_dispatch == "dense"
-  small = engine.decode_moe_config(engine.freeze(m), 3)
-  assert (small.moe_dispatch, small.moe_block_size) == ("blocked", 1)
+  assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
+  for rows, tile in ((3, 1), (4, 1), (7, 2)):
+    cfg_rows = engine.decode_moe_config(engine.freeze(m), rows)
+    assert (cfg_rows.moe_dispatch, cfg_rows.moe_block_size) == ("blocked", tile)
   cfg = get_config("tiny")
   cfg.mesh.update(data=2)
   with jax.set_mesh(make_mesh(cfg, jax.devices()[:2])):    # each device decodes its own half of the rows
-    assert engine.decode_moe_config(engine.freeze(m), 4).moe_dispatch == "blocked"
-    assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
+    assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "blocked"
+    assert engine.decode_moe_config(engine.freeze(m), 16).moe_dispatch == "dense"
   m.moe_dispatch = "ragged"
   assert engine.decode_moe_config(engine.freeze(m), 64).moe_dispatch == "ragged"
+
+
+def test_cache_is_split_over_the_batch_axes():
+  """The latent cache's batch is split over every batch axis under both rule sets (its latent dim must not
+  claim `fsdp`, which the weights' `kv_lora` name maps to), and the latent is replicated."""
+  cfg = get_config("tiny")
+  cfg.mesh.update(data=2, fsdp=2, expert=2)
+  mesh = make_mesh(cfg)
+  for rules in ("default", "fsdp"):
+    assert cache_sharding(mesh, get_rules(rules)).spec == jax.P(None, BATCH_AXES, None, None)
+
+
+def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
+  """On a data-parallel mesh each device decodes its own rows: the compiled program (prefill + decode loop) has
+  no all-gather (the router's top-k and the per-layer cache slices once gathered the batch every step) and one
+  all-reduce, the loop's all-rows-done check."""
+  config, _, _, params, state = setup
+  cfg = get_config("tiny")
+  cfg.mesh.update(data=2)
+  mesh, rules = make_mesh(cfg, jax.devices()[:2]), get_rules(cfg)
+  m = engine.freeze(config.model)
+  shardings = engine._variable_shardings(m, mesh, rules)
+  args = (jax.device_put(params, shardings["params"]), jax.device_put(state, shardings["moe_state"]),
+          jax.device_put(np.ones((4, 8), np.int32), batch_sharding(mesh, 2)),
+          jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
+          jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    hlo = engine._compiled(m, 4, "", 0).lower(*args).compile().as_text()
+  ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+  assert ops == ["all-reduce"], ops
 
 
 def test_small_batch_decode_path_equals_recompute(setup, reference_logits):

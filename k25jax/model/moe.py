@@ -165,6 +165,19 @@ def resolve_dispatch(name: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
+def route_local(scores: jax.Array, bias: jax.Array, m: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """`route` on each device's own rows (`jax.shard_map` over the batch axes). XLA's SPMD partitioner does not
+  split top-k over a sharded row dimension: under GSPMD it all-gathers every MoE layer's scores and routes the
+  whole batch on every device (one collective per layer and decode step). Without a context mesh, or on one
+  device, it is `route` itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return route(scores, bias, m)
+  tok = P(BATCH_AXES, None)
+  return jax.shard_map(functools.partial(route, m=m), in_specs=(tok, P()), out_specs=(tok, tok),
+                       check_vma=False)(scores, bias)
+
+
 def _data_local(fn: Callable) -> Callable:
   """Runs a token-local dispatch on each device's own tokens (`jax.shard_map` over the batch axes) with the expert
   weights gathered and split over `tensor` on the expert width (the partial outputs are summed over `tensor`).
@@ -175,7 +188,7 @@ def _data_local(fn: Callable) -> Callable:
     if mesh.empty or mesh.size == 1:
       return fn(x, idx, w, wg, wu, wd)
     tok = P(BATCH_AXES, None)
-    local = lambda *a: jax.lax.psum(fn(*a), "tensor")
+    local = (lambda *a: jax.lax.psum(fn(*a), "tensor")) if dict(mesh.shape).get("tensor", 1) > 1 else fn
     return jax.shard_map(local, in_specs=(tok, tok, tok, P(None, None, "tensor"), P(None, None, "tensor"),
                                           P(None, "tensor", None)),
                          out_specs=tok, check_vma=False)(x, idx, w, wg, wu, wd)
@@ -206,7 +219,7 @@ class Router(nn.Module):
     bias = self.variable("moe_state", "e_score_correction_bias",
                          lambda: jnp.zeros((m.n_routed_experts,), jnp.float32)).value
     scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)))
-    idx, w = route(scores, bias, m)
+    idx, w = route_local(scores, bias, m)
     return idx, w, scores
 
 

@@ -9,10 +9,12 @@ kv_b_proj = [W_uk | W_uv] per head,
   sum_s p_s v_s   = (sum_s p_s c_s) W_uv                            (attention over latents, then W_uv)
 
 Layout: `latent` [layers, B, max_len, kv_lora + rope], dtype = compute dtype by default. Sharding comes from
-the logical names `CACHE_AXES` = (layers, batch, length, kv_lora) through the mesh rules: under the default rules
-the batch is split over `("data", "fsdp", "expert")` and layers, slots and the latent are replicated (the latent
-is shared by all heads, so splitting it over `tensor` would add a reduction inside every logit; the heads are
-split over `tensor` in the projections instead). Rules that map `kv_lora` to `tensor` shard the latent too.
+the logical names `CACHE_AXES` = (layers, batch, length, act_kv_lora) through the mesh rules: under the default
+rules the batch is split over `("data", "fsdp", "expert")` and layers, slots and the latent are replicated (the
+latent is shared by all heads, so splitting it over `tensor` would add a reduction inside every logit; the heads
+are split over `tensor` in the projections instead). Rules that map `act_kv_lora` to `tensor` shard the latent
+too. The latent's name is not the weights' `kv_lora`: that one claims `fsdp`, and a mesh axis serves one name
+per array, which would leave the batch unsplit.
 
 Slots are left-padded: every row's prompt ends at slot P - 1 (P = prompt bucket) and generated token t sits at
 slot P + t, so one `dynamic_update_slice` writes a step for the whole batch. A slot's segment id is 1 when it
@@ -31,7 +33,7 @@ from k25jax.model.layers import dtype_of
 from k25jax.model.mla import NEG_INF
 from k25jax.sharding import logical_sharding
 
-CACHE_AXES = ("layers", "batch", "length", "kv_lora")
+CACHE_AXES = ("layers", "batch", "length", "act_kv_lora")
 
 
 def latent_width(m: ml_collections.ConfigDict) -> int:

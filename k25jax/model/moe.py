@@ -174,8 +174,7 @@ def route_local(scores: jax.Array, bias: jax.Array, m: ml_collections.ConfigDict
   if mesh.empty or mesh.size == 1:
     return route(scores, bias, m)
   tok = P(BATCH_AXES, None)
-  return jax.shard_map(functools.partial(route, m=m), in_specs=(tok, P()), out_specs=(tok, tok),
-                       check_vma=False)(scores, bias)
+  return jax.shard_map(functools.partial(route, m=m), in_specs=(tok, P()), out_specs=(tok, tok))(scores, bias)
 
 
 def _data_local(fn: Callable) -> Callable:

@@ -48,10 +48,10 @@ from k25jax.model.lm import freeze  # noqa: E402
 from k25jax.runtime import cpu_device_per_core  # noqa: E402
 from k25jax.sample import generate  # noqa: E402
 from k25jax.sample.engine import decode_moe_config  # noqa: E402
+from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 from k25jax.train import flops  # noqa: E402
 
 from benchmarks.train_step import matmul_peak  # noqa: E402
-from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 
 
 def hf_config(m) -> DeepseekV3Config:
@@ -130,9 +130,8 @@ def hf_generate(model, prompts: np.ndarray, new: int) -> np.ndarray:
 def decode_bound(m, mesh, batch: int, prompt: int, new: int, step_s: float, prefill_s: float, hf_tps: float,
                  peak: float, target: float) -> dict:
   """One decode step of `batch` rows against the f32 peak (module docstring). Context: prompt + new / 2."""
-  context = prompt + new / 2
-  qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
-  attention = m.num_hidden_layers * 2 * m.num_attention_heads * (qk + v) * context
+  # attention_flops_per_token counts a causal row's mean context, seq_len / 2: here prompt + new / 2.
+  attention = flops.attention_flops_per_token(m, 2 * prompt + new)
   model = batch * (2 * flops.matmul_params_per_token(m) + attention)
   with jax.set_mesh(mesh):
     dispatch = decode_moe_config(freeze(m), batch).moe_dispatch

@@ -15,7 +15,7 @@ XLA:CPU runs a program's ops one after another, and only large matmuls use more 
 passes, softmaxes, gathers and the many small matmuls of `small` (attention heads, Muon's Newton-Schulz on
 128 x 256 expert matrices) each run on one core. `cpu_device_per_core()` splits the host into one CPU device per
 core, so a data-parallel mesh runs one program per core and both cores stay busy (`benchmarks.train_step` times
-the `small` step both ways; `results/bench/train_step.json`: 1210 ms on 2 devices, 1422 ms on 1).
+the `small` step both ways; `results/bench/train_step.json`: 1182 ms on 2 devices, 1400 ms on 1).
 """
 
 from __future__ import annotations

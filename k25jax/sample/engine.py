@@ -126,7 +126,7 @@ def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Arra
   out = []
   for layer, cache in zip(layers, caches):
     x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask)
-    out.append(nn.with_logical_constraint(cache, CACHE_AXES[1:]))
+    out.append(cache)
   return x, out
 
 
@@ -218,8 +218,7 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
 
   m_step = decode_moe_config(m, b)
   layers = _decode_layers(params, moe_state, m_step, b)
-  caches = [nn.with_logical_constraint(jax.lax.index_in_dim(cache, i, keepdims=False), CACHE_AXES[1:])
-            for i in range(cache.shape[0])]
+  caches = [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cache]
 
   def body(carry):
     step, caches, last, out_tok, out_lp, done, n_gen = carry
@@ -243,10 +242,11 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int) -> ml_coll
   (`blocked` / `dense`; `ragged` and expert-parallel `ep` are kept). The dispatch runs on each device's own rows
   (the context mesh splits the batch over its data axes). Once those rows * top-k reach twice the expert count,
   `dense`: every expert then holds about two rows or more, a step reads every expert's weights anyway, and one
-  batched product per projection takes no longer than a loop of per-expert tiles (on `small`). Below that, `blocked` with its tile shrunk to the next power of two >=
-  rows * top-k / experts (capped by `moe_block_size`): at one row per expert it skips the experts no row chose
-  and runs faster than `dense` (`benchmarks.sampler` at batch 8 on two devices). Neither choice changes
-  results, only the work. Needs the mesh in context (`auto`)."""
+  batched product per projection takes no longer than a loop of per-expert tiles (on `small`). Below that,
+  `blocked` with its tile shrunk to the next power of two >= rows * top-k / experts (capped by
+  `moe_block_size`): at one row per expert it skips the experts no row chose and runs faster than `dense`
+  (`benchmarks.sampler` at batch 8 on two devices). Neither choice changes results, only the work. Needs the
+  mesh in context (`auto`)."""
   if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
     return m
   mesh = jax.sharding.get_abstract_mesh()

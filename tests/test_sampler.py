@@ -5,6 +5,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -150,14 +151,17 @@ def test_top_k_one_equals_greedy_and_sampling_is_reproducible(setup, greedy_out)
 
 def test_one_device_and_eight_devices_agree(setup, greedy_out):
   """Same greedy tokens, and the same samples for a fixed key (per-row keys ignore batch padding/sharding). The
-  one-device greedy run decodes the prompts twice over: 8 rows x top-2 = 2 x 8 experts, the `dense` decode
-  dispatch (`decode_moe_config`), while the 8-device run has one row per device (`blocked`)."""
+  one-device greedy run decodes the prompts twice over with XLA's `dense` decode dispatch (forced through
+  `sample.decode_moe_dispatch`; 8 rows x top-2 = 2 x 8 experts is where `auto` picks it without the kernel),
+  the 8-device runs with the routed-experts kernel (`auto` on CPU in float32)."""
   config, mesh8, _, params, state = setup
   assert mesh8.size == 8
   mesh1 = make_mesh(config, jax.devices()[:1])
-  with jax.set_mesh(mesh1):
-    assert engine.decode_moe_config(engine.freeze(config.model), 2 * len(PROMPTS)).moe_dispatch == "dense"
-  one = generate(params, state, config, PROMPTS * 2, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+  with jax.set_mesh(mesh8):
+    assert engine.decode_moe_config(engine.freeze(config.model), len(PROMPTS)).moe_dispatch == "cpu_kernel"
+  dense = config.copy_and_resolve_references()
+  dense.sample = ml_collections.ConfigDict(dict(decode_moe_dispatch="dense"))
+  one = generate(params, state, dense, PROMPTS * 2, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
                  mesh=mesh1)
   for half in (one["tokens"][:len(PROMPTS)], one["tokens"][len(PROMPTS):]):
     np.testing.assert_array_equal(half, greedy_out["tokens"])
@@ -182,12 +186,19 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
   np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
 
 
-def test_decode_moe_config_picks_dense_once_every_expert_is_read():
-  """Decode steps switch the CPU dispatch to `dense` once tokens * top-k >= 2 x experts (its equality with the
-  per-token reference is tests/test_model.py's); below that `blocked` with a shrunken tile; `ragged` is kept.
-  Tokens count per device: a data-parallel mesh splits the rows."""
+def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows(monkeypatch):
+  """`auto` on CPU: the routed-experts kernel in float32. Without it (bfloat16 here, or no compiler): `dense` once
+  tokens * top-k >= 2 x experts (its equality with the per-token reference is tests/test_model.py's), below that
+  `blocked` with a shrunken tile; tokens count per device (a data-parallel mesh splits the rows). `ragged` is
+  kept, and a named choice is used as given."""
   m = get_config("tiny").model          # 8 experts, top-2, blocked tile 64
   m.moe_dispatch = "blocked"
+  assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "cpu_kernel"
+  assert engine.decode_moe_config(engine.freeze(m), 8, "dense").moe_dispatch == "dense"
+  monkeypatch.setattr(engine.routed_experts_cpu, "available", lambda: False)
+  assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
+  m.dtype = "bfloat16"
+  monkeypatch.undo()
   assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
   for rows, tile in ((3, 1), (4, 1), (7, 2)):
     cfg_rows = engine.decode_moe_config(engine.freeze(m), rows)
@@ -226,16 +237,22 @@ def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
           jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
           jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    hlo = engine._compiled(m, 4, "", 0).lower(*args).compile().as_text()
+    hlo = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0).lower(*args).compile().as_text()
   ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
   assert ops == ["all-reduce"], ops
 
 
-def test_small_batch_decode_path_equals_recompute(setup, reference_logits):
-  """One prompt on one device: tokens * top-k < experts, so decode keeps the model's (blocked) dispatch."""
+def test_small_batch_decode_path_equals_recompute(setup, reference_logits, monkeypatch):
+  """One prompt on one device without the kernel: tokens * top-k < experts, so decode steps run `blocked` with
+  a one-row tile."""
   config, _, _, params, state = setup
+  monkeypatch.setattr(engine.routed_experts_cpu, "available", lambda: False)
+  mesh1 = make_mesh(config, jax.devices()[:1])
+  with jax.set_mesh(mesh1):
+    m_step = engine.decode_moe_config(engine.freeze(config.model), 1)
+  assert (m_step.moe_dispatch, m_step.moe_block_size) == ("blocked", 1)
   out = generate(params, state, config, PROMPTS[1:2], max_new_tokens=MAX_NEW, rng=jax.random.key(0),
-                 greedy=True, mesh=make_mesh(config, jax.devices()[:1]))
+                 greedy=True, mesh=mesh1)
   assert out["tokens"][0].tolist() == recompute_greedy(reference_logits, PROMPTS[1], MAX_NEW)
 
 
@@ -282,5 +299,9 @@ def test_bad_inputs_raise_clear_errors(setup):
   bad.sample = sample_config()
   bad.sample.pad_id = bad.model.vocab_size
   with pytest.raises(ConfigError, match="sample.pad_id"):
+    generate(params, state, bad, [[1, 2]], **kw)
+  bad.sample = sample_config()
+  bad.sample.decode_moe_dispatch = "sparse"
+  with pytest.raises(ConfigError, match="sample.decode_moe_dispatch='sparse'"):
     generate(params, state, bad, [[1, 2]], **kw)
   assert engine.bucket_length(17, 16) == 32 and engine.bucket_length(3, 16) == 16

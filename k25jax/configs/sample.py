@@ -5,17 +5,19 @@ Every field has a default here; a config without a `sample` group uses them.
                      compiled program serves every batch whose longest prompt falls in the same bucket
   pad_id             token id written into prompt padding and into the outputs after a sequence stops
   cache_dtype        dtype of the MLA latent cache; "" means the model's compute dtype (`model.dtype`)
+  decode_moe_dispatch  MoE dispatch of the decode steps: "auto" (`k25jax.sample.engine.decode_moe_config`:
+                     the routed-experts kernel on CPU in float32) or a `model.moe_dispatch` name to force one
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from k25jax.configs.validate import DTYPES, ConfigError
+from k25jax.configs.validate import DISPATCHES, DTYPES, ConfigError
 
 
 def sample_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype=""))
+  return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype="", decode_moe_dispatch="auto"))
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -34,4 +36,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"{config.model.vocab_size})")
   if s.cache_dtype not in ("",) + DTYPES:
     raise ConfigError(f"sample.cache_dtype={s.cache_dtype!r}: choose from {('',) + DTYPES} ('' = model.dtype)")
+  if s.decode_moe_dispatch not in DISPATCHES:
+    raise ConfigError(f"sample.decode_moe_dispatch={s.decode_moe_dispatch!r}: choose from {DISPATCHES}")
   return s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
-DISPATCHES = ("auto", "ragged", "blocked", "dense", "ep")
+DISPATCHES = ("auto", "ragged", "blocked", "dense", "ep", "cpu_kernel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("none", "yarn")
 

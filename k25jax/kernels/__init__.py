@@ -1,0 +1,1 @@
+"""Custom kernels for what XLA lacks on a platform (XLA FFI custom calls)."""

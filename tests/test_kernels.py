@@ -1,0 +1,84 @@
+"""The routed-experts XLA:CPU kernel (`k25jax.kernels.routed_experts_cpu`) against the per-token MoE loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k25jax.configs import get_config
+from k25jax.kernels import routed_experts_cpu
+from k25jax.model import moe as moe_lib
+from k25jax import sharding as shd
+
+from tests.test_model import _dispatch_problem, _naive_moe
+
+
+def _problem(seed, t, d, f, e, k):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.random((t, k)).astype(np.float32)
+  wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32) * 0.3
+  wd = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
+  return x, idx, w, wg, wu, wd
+
+
+# Widths that are multiples of the 128- and 64-float tiles, of the 16-float tail tile only, and neither
+# (scalar tail); token counts that give experts 1 to 4 rows (each row-count specialisation) and more than 4
+# (several chunks per expert).
+@pytest.mark.parametrize("t,d,f,e,k", [(16, 256, 128, 16, 4), (5, 48, 40, 4, 3), (1, 64, 16, 8, 2),
+                                       (37, 24, 9, 6, 2)])
+def test_kernel_equals_per_token_loop(t, d, f, e, k):
+  x, idx, w, wg, wu, wd = _problem(t, t, d, f, e, k)
+  got = jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd)
+  np.testing.assert_allclose(got, _naive_moe(x, idx, w, wg, wu, wd), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_handles_one_expert_holding_every_row():
+  """11 rows on expert 2 (chunks of 4, 4, 3) and none on the others."""
+  x, idx, w, wg, wu, wd = _problem(0, 11, 32, 32, 4, 1)
+  idx[:] = 2
+  got = jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd)
+  np.testing.assert_allclose(got, _naive_moe(x, idx, w, wg, wu, wd), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_rejects_expert_ids_out_of_range():
+  x, idx, w, wg, wu, wd = _problem(0, 4, 16, 16, 4, 2)
+  idx[1, 0] = 4
+  with pytest.raises(Exception, match=r"expert id 4 outside \[0, 4\)"):
+    jax.block_until_ready(jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd))
+
+
+def test_kernel_is_float32_and_forward_only():
+  x, idx, w, wg, wu, wd = (jnp.asarray(a) for a in _problem(0, 4, 16, 16, 4, 2))
+  with pytest.raises(TypeError, match="float32"):
+    routed_experts_cpu.routed_experts(x.astype(jnp.bfloat16), idx, w, wg, wu, wd)
+  with pytest.raises(NotImplementedError, match="forward-only"):
+    jax.grad(lambda x: routed_experts_cpu.routed_experts(x, idx, w, wg, wu, wd).sum())(x)
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, expert=1, tensor=1),
+                                      dict(data=2, fsdp=2, expert=1, tensor=2)], ids=("8x1x1x1", "2x2x1x2"))
+def test_cpu_kernel_dispatch_runs_data_locally(mesh_cfg):
+  """As a `model.moe_dispatch` under a mesh: each device's rows, weights split over `tensor` (partial outputs
+  summed), equal to the single-device dense dispatch."""
+  x, idx, w, ws = _dispatch_problem(3, t=32)
+  c = get_config("tiny")
+  c.mesh.update(**mesh_cfg)
+  mesh = shd.make_mesh(c)
+  want = jax.jit(moe_lib.get_dispatch("dense"))(x, idx, w, *ws)
+  with jax.set_mesh(mesh):
+    got = jax.jit(moe_lib.get_dispatch("cpu_kernel"))(jax.device_put(x, shd.batch_sharding(mesh)), idx, w, *ws)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
+  """A second build with the same source, jaxlib and CPU reuses the library; a missing compiler is named."""
+  monkeypatch.setenv("K25JAX_KERNEL_CACHE", str(tmp_path))
+  first = routed_experts_cpu.build()
+  mtime = first.stat().st_mtime_ns
+  assert routed_experts_cpu.build() == first and first.stat().st_mtime_ns == mtime
+  monkeypatch.setenv("K25JAX_KERNEL_CACHE", str(tmp_path / "empty"))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  with pytest.raises(RuntimeError, match="no-such-compiler"):
+    routed_experts_cpu.build()

@@ -187,7 +187,7 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
 
 
 def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows(monkeypatch):
-  """`auto` on CPU: the routed-experts kernel in float32. Without it (bfloat16 here, or no compiler): `dense` once
+  """`auto` on CPU: the routed-experts kernel in float32. Without it (bfloat16 here, or no kernels): `dense` once
   tokens * top-k >= 2 x experts (its equality with the per-token reference is tests/test_model.py's), below that
   `blocked` with a shrunken tile; tokens count per device (a data-parallel mesh splits the rows). `ragged` is
   kept, and a named choice is used as given."""
@@ -195,7 +195,7 @@ def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows(monkeyp
   m.moe_dispatch = "blocked"
   assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "cpu_kernel"
   assert engine.decode_moe_config(engine.freeze(m), 8, "dense").moe_dispatch == "dense"
-  monkeypatch.setattr(engine.routed_experts_cpu, "available", lambda: False)
+  monkeypatch.setattr(engine, "cpu_kernels", lambda m: False)
   assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
   m.dtype = "bfloat16"
   monkeypatch.undo()
@@ -237,16 +237,17 @@ def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
           jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
           jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    hlo = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0).lower(*args).compile().as_text()
+    fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0, engine.cpu_kernels(m))
+    hlo = fn.lower(*args).compile().as_text()
   ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
   assert ops == ["all-reduce"], ops
 
 
 def test_small_batch_decode_path_equals_recompute(setup, reference_logits, monkeypatch):
-  """One prompt on one device without the kernel: tokens * top-k < experts, so decode steps run `blocked` with
-  a one-row tile."""
+  """One prompt on one device without the CPU kernels (XLA's attention; tokens * top-k < experts, so the MoE
+  runs `blocked` with a one-row tile)."""
   config, _, _, params, state = setup
-  monkeypatch.setattr(engine.routed_experts_cpu, "available", lambda: False)
+  monkeypatch.setattr(engine, "cpu_kernels", lambda m: False)
   mesh1 = make_mesh(config, jax.devices()[:1])
   with jax.set_mesh(mesh1):
     m_step = engine.decode_moe_config(engine.freeze(config.model), 1)

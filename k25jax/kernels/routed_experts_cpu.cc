@@ -69,31 +69,16 @@ void Rows(int nr, const float* const* a, const float* W, int64_t K, int64_t N, f
   }
 }
 
-ffi::Error RoutedExperts(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), id = idx.dimensions(), gd = wg.dimensions(), dd = wd.dimensions();
-  if (xd.size() != 2 || id.size() != 2 || gd.size() != 3 || dd.size() != 3 || id[0] != xd[0] ||
-      gd[1] != xd[1] || dd[2] != xd[1] || dd[1] != gd[2] || dd[0] != gd[0] ||
-      wu.dimensions().size() != 3 || wu.element_count() != wg.element_count() ||
-      w.element_count() != idx.element_count()) {
-    return ffi::Error::InvalidArgument("routed_experts_cpu: expected x [T, D], idx / w [T, k], wg / wu [E, D, F], "
-                                       "wd [E, F, D]");
-  }
-  const int64_t T = xd[0], D = xd[1], K = id[1], E = gd[0], F = gd[2];
-  const float* xp = x.typed_data();
-  const int32_t* ip = idx.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
+// y [T, D] = routed SwiGLU experts of x [T, D] (file comment). Returns the flat index of the first assignment whose
+// expert id is outside [0, E), or -1.
+int64_t RoutedExpertsCore(const float* xp, const int32_t* ip, const float* wp, const float* wg, const float* wu,
+                          const float* wd, float* yp, int64_t T, int64_t D, int64_t K, int64_t E, int64_t F) {
   std::memset(yp, 0, sizeof(float) * T * D);
 
   // Assignments grouped by expert (counting sort): start[e] .. start[e + 1] index rows / weights.
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t i = 0; i < T * K; ++i) {
-    if (ip[i] < 0 || ip[i] >= E) {
-      return ffi::Error::InvalidArgument("routed_experts_cpu: expert id " + std::to_string(ip[i]) +
-                                         " outside [0, " + std::to_string(E) + ")");
-    }
+    if (ip[i] < 0 || ip[i] >= E) return i;
     ++start[ip[i] + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
@@ -107,15 +92,15 @@ ffi::Error RoutedExperts(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx, ffi
 
   std::vector<float> g(kRows * F), u(kRows * F), o(kRows * D);
   for (int64_t e = 0; e < E; ++e) {
-    const float* we_g = wg.typed_data() + e * D * F;
-    const float* we_u = wu.typed_data() + e * D * F;
-    const float* we_d = wd.typed_data() + e * F * D;
+    const float* we_g = wg + e * D * F;
+    const float* we_u = wu + e * D * F;
+    const float* we_d = wd + e * F * D;
     for (int64_t s = start[e]; s < start[e + 1]; s += kRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kRows, start[e + 1] - s));
       const float* xr[kRows];
       float *gr[kRows], *ur[kRows], *orow[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        xr[r] = xp + row[s + (r < nr ? r : 0)] * D;
+      for (int r = 0; r < nr; ++r) {
+        xr[r] = xp + row[s + r] * D;
         gr[r] = g.data() + r * F;
         ur[r] = u.data() + r * F;
         orow[r] = o.data() + r * D;
@@ -135,6 +120,27 @@ ffi::Error RoutedExperts(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx, ffi
         for (int64_t d = 0; d < D; ++d) yr[d] += orow[r][d];
       }
     }
+  }
+  return -1;
+}
+
+ffi::Error RoutedExperts(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), id = idx.dimensions(), gd = wg.dimensions(), dd = wd.dimensions();
+  const auto ud = wu.dimensions(), wdim = w.dimensions();
+  if (xd.size() != 2 || id.size() != 2 || wdim.size() != 2 || gd.size() != 3 || ud.size() != 3 ||
+      dd.size() != 3 || id[0] != xd[0] || wdim[0] != id[0] || wdim[1] != id[1] || gd[1] != xd[1] ||
+      ud[0] != gd[0] || ud[1] != gd[1] || ud[2] != gd[2] || dd[0] != gd[0] || dd[1] != gd[2] || dd[2] != xd[1]) {
+    return ffi::Error::InvalidArgument("routed_experts_cpu: expected x [T, D], idx / w [T, k], wg / wu [E, D, F], "
+                                       "wd [E, F, D]");
+  }
+  const int64_t T = xd[0], D = xd[1], K = id[1], E = gd[0], F = gd[2];
+  const int64_t bad = RoutedExpertsCore(x.typed_data(), idx.typed_data(), w.typed_data(), wg.typed_data(),
+                                        wu.typed_data(), wd.typed_data(), y->typed_data(), T, D, K, E, F);
+  if (bad != -1) {
+    return ffi::Error::InvalidArgument("routed_experts_cpu: expert id " + std::to_string(idx.typed_data()[bad]) +
+                                       " outside [0, " + std::to_string(E) + ")");
   }
   return ffi::Error::Success();
 }

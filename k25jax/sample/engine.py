@@ -7,8 +7,9 @@ Only attention differs from the training forward: it runs in DeepSeek-V3's absor
 (`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries, scanned over the layer
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
-chosen for a step's few rows (`decode_moe_config`: on CPU the routed-experts kernel,
-`k25jax.kernels.routed_experts_cpu`).
+chosen for a step's few rows (`decode_moe_config`). On CPU in float32 (`cpu_kernels`) a decode step's routed
+experts and its attention over the latent cache each run as one custom call per layer and device
+(`k25jax.kernels.routed_experts_cpu`, `k25jax.kernels.latent_attention_cpu`).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -33,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from k25jax.configs import sample as sample_cfg
 from k25jax.configs.validate import validate
-from k25jax.kernels import routed_experts_cpu
+from k25jax.kernels import build, latent_attention_cpu, routed_experts_cpu
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
@@ -47,10 +48,10 @@ Params = Any
 
 # ----------------------------------------------------------------------------------------------- forward
 def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tuple, slot: jax.Array,
-                   positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   positions: jax.Array, mask: jax.Array, kernel: bool = False) -> tuple[jax.Array, jax.Array]:
   """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
   latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
-  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU."""
+  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU; kernel: attention through the XLA:CPU kernel."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
   mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
   h = norm("input_layernorm", x)
@@ -60,7 +61,7 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
   cache = jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(layer) + new.shape), (*layer, 0, slot, 0))
   latent = jax.lax.dynamic_index_in_dim(cache, layer[0], axis=0, keepdims=False) if layer else cache
   o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
-                         rope.softmax_scale(m), m.kv_lora_rank)
+                         rope.softmax_scale(m), m.kv_lora_rank, kernel)
   o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
   x = x + mla.apply(attn_vars, o, method=lambda mod, y: mod.o_proj(y))
   y = ffn(norm("post_attention_layernorm", x))
@@ -122,12 +123,12 @@ def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> lis
 
 
 def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Array], slot: jax.Array,
-                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+                 positions: jax.Array, mask: jax.Array, kernel: bool) -> tuple[jax.Array, list[jax.Array]]:
   """One decode step through every layer, unrolled over `_decode_layers` with one latent cache [B,S,W] per
   layer (updated in place at `slot`). Returns (hidden state before the last norm, caches)."""
   out = []
   for layer, cache in zip(layers, caches):
-    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask)
+    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask, kernel)
     out.append(cache)
   return x, out
 
@@ -195,9 +196,10 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
 
 
 def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
-             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int):
-  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`). tokens [B,P]
-  right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
+             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int, attention_kernel: bool):
+  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`; attention through the
+  XLA:CPU kernel when `attention_kernel`). tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs,
+  lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
   lengths = lengths.astype(jnp.int32)
@@ -226,7 +228,8 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
     step, caches, last, out_tok, out_lp, done, n_gen = carry
     q_pos = (lengths + step - 1)[:, None]
     mask = attention_mask(jnp.ones_like(q_pos), kv_seg, q_pos, kv_pos)
-    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask)
+    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask,
+                             attention_kernel)
     tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, step))
     tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
@@ -237,6 +240,13 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
   carry = (jnp.int32(1), caches, tok, out_tok, out_lp, done, n_gen)
   _, _, _, out_tok, out_lp, _, n_gen = jax.lax.while_loop(cond, body, carry)
   return out_tok, out_lp, n_gen
+
+
+def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
+  """Whether decode steps run on the XLA:CPU kernels (`k25jax.kernels`): on the CPU backend, in float32, once
+  they build here."""
+  return (jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and
+          build.available(routed_experts_cpu.register, latent_attention_cpu.register))
 
 
 def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, **extra) -> ml_collections.FrozenConfigDict:
@@ -260,7 +270,7 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int,
     return _with_dispatch(m, choice)
   if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
     return m
-  if jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and routed_experts_cpu.available():
+  if cpu_kernels(m):
     return _with_dispatch(m, "cpu_kernel")
   mesh = jax.sharding.get_abstract_mesh()
   rows = -(-batch // (1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))))
@@ -273,11 +283,11 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int,
 
 @functools.lru_cache(maxsize=64)
 def _compiled(m: ml_collections.FrozenConfigDict, m_step: ml_collections.FrozenConfigDict, max_new: int,
-              cache_dtype: str, pad_id: int):
+              cache_dtype: str, pad_id: int, attention_kernel: bool):
   """The jitted program for one model config, decode-step config and max_new_tokens (jit then caches per input
   shape)."""
   return jax.jit(functools.partial(_program, m=m, m_step=m_step, max_new=max_new, cache_dtype=cache_dtype,
-                                   pad_id=pad_id))
+                                   pad_id=pad_id, attention_kernel=attention_kernel))
 
 
 @functools.lru_cache(maxsize=16)
@@ -387,7 +397,7 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch)
-    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
+    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id), cpu_kernels(m))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, jnp.float32(temperature),

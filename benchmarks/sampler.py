@@ -16,6 +16,9 @@ process (`benchmarks.train_step.matmul_peak`), the model FLOPs of one step (2 x 
 `k25jax.train.flops`, plus QK and AV over the mean context) and the FLOPs the step executes (with the `dense`
 decode dispatch every routed expert runs on every row), the step time each would take at that peak, the decode
 MFU, and the decode step that `--target` x transformers' tokens/s would need after our measured prefill.
+`kernel_ablation` times, at the largest batch and in the same interleaved rounds, our decode steps without the
+routed-experts kernel (`xla_dispatch`: `sample.cpu_kernels=False`, the `dense`/`blocked` dispatch
+`decode_moe_config` then picks) next to the default (`ours`: the `cpu_kernel` dispatch).
 
 Ours runs data-parallel over one XLA CPU device per core (`k25jax.runtime.cpu_device_per_core`, `--cpu_devices`
 overrides), each batch on as many devices as divide it (batch 1: one device); transformers uses torch's default
@@ -37,6 +40,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -47,7 +51,7 @@ from k25jax.model import K2LM, text_inputs  # noqa: E402
 from k25jax.model.lm import freeze  # noqa: E402
 from k25jax.runtime import cpu_device_per_core  # noqa: E402
 from k25jax.sample import generate  # noqa: E402
-from k25jax.sample.engine import decode_moe_config  # noqa: E402
+from k25jax.sample.engine import cpu_kernels, decode_moe_config  # noqa: E402
 from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 from k25jax.train import flops  # noqa: E402
 
@@ -211,21 +215,35 @@ def main() -> None:
   if args.new < 2:
     raise ValueError(f"--new={args.new}: need >= 2 new tokens to separate prefill from decode steps")
   peak = matmul_peak("float32")
-  ours_tps, hf_tps, speedup, split, load, bound = {}, {}, {}, {}, {}, {}
+  ours_tps, hf_tps, speedup, split, load, bound, ablation = {}, {}, {}, {}, {}, {}, {}
+  ablate = max(int(s) for s in args.batches.split(",")) if cpu_kernels(freeze(m)) else None
+  ablation_configs = {}
+  for name, fields in (("xla_dispatch", dict(cpu_kernels=False)),):
+    ablation_configs[name] = config.copy_and_resolve_references()
+    ablation_configs[name].sample = ml_collections.ConfigDict(fields)
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]
-    ours = lambda new, mesh=mesh_for(b): generate(params, moe_state, config, rows, max_new_tokens=new,
-                                                  rng=jax.random.key(0), greedy=True, mesh=mesh)
-    hf_run = lambda new: hf_generate(hf, prompts, new)
-    t = timed({(who, new): functools.partial(fn, new) for who, fn in (("ours", ours), ("hf", hf_run))
-               for new in (args.new, 1)}, args.reps)
+    run = lambda new, cfg=config, mesh=mesh_for(b): generate(params, moe_state, cfg, rows, max_new_tokens=new,
+                                                             rng=jax.random.key(0), greedy=True, mesh=mesh)
+    fns = {"ours": run, "hf": lambda new: hf_generate(hf, prompts, new)}
+    if b == ablate:  # the CPU kernels' share: each decode-step variant of ours, timed in the same rounds
+      fns.update({name: functools.partial(run, cfg=cfg) for name, cfg in ablation_configs.items()})
+    t = timed({(who, new): functools.partial(fn, new) for who, fn in fns.items() for new in (args.new, 1)},
+              args.reps)
     load[b] = os.getloadavg()[0]
     ours_tps[b], hf_tps[b] = b * args.new / t[("ours", args.new)], b * args.new / t[("hf", args.new)]
     speedup[b] = ours_tps[b] / hf_tps[b]
     split[b] = {who: dict(total_s=t[(who, args.new)], prefill_s=t[(who, 1)],
                           decode_step_ms=1e3 * (t[(who, args.new)] - t[(who, 1)]) / (args.new - 1))
                 for who in ("ours", "hf")}
+    if b == ablate:
+      ablation = {who: dict(tokens_per_s=b * args.new / t[(who, args.new)], total_s=t[(who, args.new)],
+                            prefill_s=t[(who, 1)],
+                            decode_step_ms=1e3 * (t[(who, args.new)] - t[(who, 1)]) / (args.new - 1))
+                  for who in ("ours", *ablation_configs)}
+      print("           decode step by variant: " + ", ".join(f"{k} {v['decode_step_ms']:.2f} ms"
+                                                            for k, v in ablation.items()))
     bound[b] = decode_bound(m, mesh_for(b), b, args.prompt, args.new, split[b]["ours"]["decode_step_ms"] / 1e3,
                             t[("ours", 1)], hf_tps[b], peak, args.target)
     print(f"batch {b:3d}: ours {ours_tps[b]:9.1f} tok/s   transformers {hf_tps[b]:9.1f} tok/s   "
@@ -245,6 +263,7 @@ def main() -> None:
       speedup={str(k): v for k, v in speedup.items()}, split={str(k): v for k, v in split.items()},
       loadavg_1min={str(k): v for k, v in load.items()}, agreement=agreement,
       decode_bound={str(k): v for k, v in bound.items()},
+      kernel_ablation=dict(batch=ablate, variants=ablation),
       versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
       torch_threads=torch.get_num_threads(), machine=platform.machine(), cpus=os.cpu_count())
   with open(args.out, "w") as f:

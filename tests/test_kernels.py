@@ -1,5 +1,4 @@
-"""The XLA:CPU kernels of generation (`k25jax.kernels`): routed experts against the per-token MoE loop, latent
-attention against the XLA absorbed attention, and their build cache."""
+"""The XLA:CPU routed-experts kernel (`k25jax.kernels`) against the per-token MoE loop, and its build cache."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +7,8 @@ import pytest
 
 from k25jax.configs import get_config
 from k25jax import sharding as shd
-from k25jax.kernels import build, latent_attention_cpu, routed_experts_cpu
+from k25jax.kernels import build, routed_experts_cpu
 from k25jax.model import moe as moe_lib
-from k25jax.sample.cache import absorbed_attention
 
 from tests.test_model import _dispatch_problem, _naive_moe
 
@@ -73,53 +71,6 @@ def test_cpu_kernel_dispatch_runs_data_locally(mesh_cfg):
   with jax.set_mesh(mesh):
     got = jax.jit(moe_lib.get_dispatch("cpu_kernel"))(jax.device_put(x, shd.batch_sharding(mesh)), idx, w, *ws)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
-
-
-def _attention_problem(seed, b, l, h, nope, rope, kv, v, s):
-  rng = np.random.default_rng(seed)
-  q_nope, q_rot = (jnp.float32(rng.standard_normal((b, l, h, n))) for n in (nope, rope))
-  latent = jnp.float32(rng.standard_normal((b, s, kv + rope)) * 3)
-  kv_b = jnp.float32(rng.standard_normal((kv, h * (nope + v))) * 0.3)
-  mask = rng.random((b, l, s)) < 0.7
-  mask[0, 0] = False                                                     # a query with every slot masked
-  return q_nope, q_rot, latent, kv_b, jnp.asarray(mask)
-
-
-# Decode-step shapes of `small` (latent 48 = 3 vectors, 127 slots: a partial last block of 16), several queries
-# per row, and widths that are not whole vectors (scores' and values' scalar tails).
-@pytest.mark.parametrize("b,l,h,nope,rope,kv,v,s", [(16, 1, 4, 32, 16, 32, 32, 127), (2, 3, 2, 8, 8, 24, 8, 21),
-                                                    (3, 2, 3, 8, 5, 7, 4, 40)])
-def test_latent_attention_kernel_equals_xla(b, l, h, nope, rope, kv, v, s):
-  """Scores, mask, softmax and the weighted sum over the cache equal the XLA path, including a fully masked
-  query (both average every slot)."""
-  args = _attention_problem(b + s, b, l, h, nope, rope, kv, v, s)
-  want = absorbed_attention(*args, 0.3, kv)
-  got = jax.jit(lambda *a: absorbed_attention(*a, 0.3, kv, kernel=True))(*args)
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-
-
-def test_latent_attention_kernel_runs_on_each_devices_rows():
-  """Under a data-parallel mesh the kernel runs on each device's batch rows (`shard_map`): same result."""
-  args = _attention_problem(0, 8, 1, 4, 16, 8, 16, 16, 37)
-  want = absorbed_attention(*args, 0.3, 16)
-  c = get_config("tiny")
-  c.mesh.update(data=8)
-  mesh = shd.make_mesh(c)
-  q_nope, q_rot, latent, kv_b, mask = args
-  put = lambda a: jax.device_put(a, shd.batch_sharding(mesh, a.ndim))
-  with jax.set_mesh(mesh):
-    got = jax.jit(lambda *a: absorbed_attention(*a, 0.3, 16, kernel=True))(
-        put(q_nope), put(q_rot), put(latent), kv_b, put(mask))
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-
-
-def test_latent_attention_kernel_is_float32_and_forward_only():
-  q = jnp.ones((2, 4, 48), jnp.float32)
-  latent, keep = jnp.ones((2, 5, 48), jnp.float32), jnp.ones((2, 1, 5), bool)
-  with pytest.raises(TypeError, match="float32"):
-    latent_attention_cpu.latent_attention(q.astype(jnp.bfloat16), latent, keep, 0.1, 4, 32)
-  with pytest.raises(NotImplementedError, match="forward-only"):
-    jax.grad(lambda q: latent_attention_cpu.latent_attention(q, latent, keep, 0.1, 4, 32).sum())(q)
 
 
 def test_build_is_cached_by_source_and_names_a_missing_compiler(tmp_path, monkeypatch):

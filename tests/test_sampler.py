@@ -186,7 +186,7 @@ def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
   np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
 
 
-def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows(monkeypatch):
+def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows():
   """`auto` on CPU: the routed-experts kernel in float32. Without it (bfloat16 here, or no kernels): `dense` once
   tokens * top-k >= 2 x experts (its equality with the per-token reference is tests/test_model.py's), below that
   `blocked` with a shrunken tile; tokens count per device (a data-parallel mesh splits the rows). `ragged` is
@@ -195,10 +195,8 @@ def test_decode_moe_config_picks_the_kernel_or_the_dispatch_for_the_rows(monkeyp
   m.moe_dispatch = "blocked"
   assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "cpu_kernel"
   assert engine.decode_moe_config(engine.freeze(m), 8, "dense").moe_dispatch == "dense"
-  monkeypatch.setattr(engine, "cpu_kernels", lambda m: False)
-  assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
+  assert engine.decode_moe_config(engine.freeze(m), 8, kernels=False).moe_dispatch == "dense"
   m.dtype = "bfloat16"
-  monkeypatch.undo()
   assert engine.decode_moe_config(engine.freeze(m), 8).moe_dispatch == "dense"
   for rows, tile in ((3, 1), (4, 1), (7, 2)):
     cfg_rows = engine.decode_moe_config(engine.freeze(m), rows)
@@ -237,22 +235,23 @@ def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
           jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
           jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0, engine.cpu_kernels(m))
+    fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0)
     hlo = fn.lower(*args).compile().as_text()
   ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
   assert ops == ["all-reduce"], ops
 
 
-def test_small_batch_decode_path_equals_recompute(setup, reference_logits, monkeypatch):
-  """One prompt on one device without the CPU kernels (XLA's attention; tokens * top-k < experts, so the MoE
-  runs `blocked` with a one-row tile)."""
+def test_small_batch_decode_path_equals_recompute(setup, reference_logits):
+  """One prompt on one device with `sample.cpu_kernels` off: tokens * top-k < experts, so the MoE runs
+  `blocked` with a one-row tile."""
   config, _, _, params, state = setup
-  monkeypatch.setattr(engine, "cpu_kernels", lambda m: False)
   mesh1 = make_mesh(config, jax.devices()[:1])
   with jax.set_mesh(mesh1):
-    m_step = engine.decode_moe_config(engine.freeze(config.model), 1)
+    m_step = engine.decode_moe_config(engine.freeze(config.model), 1, kernels=False)
   assert (m_step.moe_dispatch, m_step.moe_block_size) == ("blocked", 1)
-  out = generate(params, state, config, PROMPTS[1:2], max_new_tokens=MAX_NEW, rng=jax.random.key(0),
+  xla = config.copy_and_resolve_references()
+  xla.sample = ml_collections.ConfigDict(dict(cpu_kernels=False))
+  out = generate(params, state, xla, PROMPTS[1:2], max_new_tokens=MAX_NEW, rng=jax.random.key(0),
                  greedy=True, mesh=mesh1)
   assert out["tokens"][0].tolist() == recompute_greedy(reference_logits, PROMPTS[1], MAX_NEW)
 

@@ -7,6 +7,8 @@ Every field has a default here; a config without a `sample` group uses them.
   cache_dtype        dtype of the MLA latent cache; "" means the model's compute dtype (`model.dtype`)
   decode_moe_dispatch  MoE dispatch of the decode steps: "auto" (`k25jax.sample.engine.decode_moe_config`:
                      the routed-experts kernel on CPU in float32) or a `model.moe_dispatch` name to force one
+  cpu_kernels        "auto" may pick the XLA:CPU routed-experts kernel (`k25jax.kernels`) for decode steps on
+                     CPU in float32; False keeps XLA's own dispatches
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from k25jax.configs.validate import DISPATCHES, DTYPES, ConfigError
 
 
 def sample_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype="", decode_moe_dispatch="auto"))
+  return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype="", decode_moe_dispatch="auto",
+                                        cpu_kernels=True))
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

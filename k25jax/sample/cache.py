@@ -24,17 +24,14 @@ holds a real token and 0 otherwise; its position counts from the row's first rea
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
-from k25jax.kernels import latent_attention_cpu
 from k25jax.model.layers import dtype_of
 from k25jax.model.mla import NEG_INF
-from k25jax.sharding import BATCH_AXES, logical_sharding
+from k25jax.sharding import logical_sharding
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_lora")
 
@@ -68,20 +65,8 @@ def slot_segments_and_positions(lengths: jax.Array, prompt_len: int, max_len: in
   return segment_ids, positions
 
 
-def _batch_local(fn):
-  """fn on each device's own batch rows (`jax.shard_map` over the batch axes, other dims whole); fn itself
-  without a context mesh or on one device."""
-  def run(*args):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-      return fn(*args)
-    spec = jax.P(BATCH_AXES, None, None)
-    return jax.shard_map(fn, in_specs=(spec,) * len(args), out_specs=spec)(*args)
-  return run
-
-
 def absorbed_attention(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, kv_b_kernel: jax.Array,
-                       mask: jax.Array, scale: float, kv_lora: int, kernel: bool = False) -> jax.Array:
+                       mask: jax.Array, scale: float, kv_lora: int) -> jax.Array:
   """Attention of queries over cached latents without expanding keys or values (module docstring).
 
   q_nope [B,L,H,nope], q_rot [B,L,H,rope] (roped), latent [B,S,kv_lora+rope] (c_kv | k_rot), kv_b_kernel
@@ -91,9 +76,7 @@ def absorbed_attention(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, k
   The latent-space query [q_nope W_uk^T | q_rot] meets the whole cached row [c | k_rot] in ONE batched matmul
   (q_lat.c + q_rot.k_rot), and probabilities multiply whole rows before the k_rot columns are dropped: the
   cache is never sliced (a slice is a copy of the cache per layer and step on XLA:CPU). Queries and heads share
-  the matmul's row dimension, so both products are plain [B] batched matmuls. kernel=True runs the scores,
-  softmax and weighted sum as one XLA:CPU custom call on each device's rows
-  (`k25jax.kernels.latent_attention_cpu`; float32, forward only: generation's decode steps on CPU).
+  the matmul's row dimension, so both products are plain [B] batched matmuls.
   """
   b, l, h, nope = q_nope.shape
   w = kv_b_kernel.astype(q_nope.dtype).reshape(kv_lora, h, -1)
@@ -101,10 +84,6 @@ def absorbed_attention(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, k
   q_lat = jnp.einsum("blhn,chn->blhc", q_nope, w_uk)
   q = jnp.concatenate([q_lat, q_rot.astype(q_lat.dtype)], axis=-1).reshape(b, l * h, -1)
   rows = latent.astype(q.dtype)
-  if kernel:
-    attend = functools.partial(latent_attention_cpu.latent_attention, scale=scale, heads=h, width=kv_lora)
-    o_lat = _batch_local(attend)(q, rows, mask).reshape(b, l, h, kv_lora)
-    return jnp.einsum("blhc,chv->blhv", o_lat, w_uv)
   logits = jnp.einsum("bmw,bsw->bms", q, rows, preferred_element_type=jnp.float32) * scale
   keep = jnp.broadcast_to(mask[:, :, None], (b, l, h, mask.shape[-1])).reshape(b, l * h, -1)
   probs = jax.nn.softmax(jnp.where(keep, logits, NEG_INF), axis=-1)

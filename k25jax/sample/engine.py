@@ -7,9 +7,8 @@ Only attention differs from the training forward: it runs in DeepSeek-V3's absor
 (`k25jax.sample.cache`). Prefill uses the same path with all prompt slots as queries, scanned over the layer
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
-chosen for a step's few rows (`decode_moe_config`). On CPU in float32 (`cpu_kernels`) a decode step's routed
-experts and its attention over the latent cache each run as one custom call per layer and device
-(`k25jax.kernels.routed_experts_cpu`, `k25jax.kernels.latent_attention_cpu`).
+chosen for a step's few rows (`decode_moe_config`; on CPU in float32 the routed-experts kernel,
+`k25jax.kernels.routed_experts_cpu`).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -34,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from k25jax.configs import sample as sample_cfg
 from k25jax.configs.validate import validate
-from k25jax.kernels import build, latent_attention_cpu, routed_experts_cpu
+from k25jax.kernels import build, routed_experts_cpu
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
@@ -48,10 +47,10 @@ Params = Any
 
 # ----------------------------------------------------------------------------------------------- forward
 def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tuple, slot: jax.Array,
-                   positions: jax.Array, mask: jax.Array, kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+                   positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
   latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
-  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU; kernel: attention through the XLA:CPU kernel."""
+  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
   mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
   h = norm("input_layernorm", x)
@@ -61,7 +60,7 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
   cache = jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(layer) + new.shape), (*layer, 0, slot, 0))
   latent = jax.lax.dynamic_index_in_dim(cache, layer[0], axis=0, keepdims=False) if layer else cache
   o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
-                         rope.softmax_scale(m), m.kv_lora_rank, kernel)
+                         rope.softmax_scale(m), m.kv_lora_rank)
   o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
   x = x + mla.apply(attn_vars, o, method=lambda mod, y: mod.o_proj(y))
   y = ffn(norm("post_attention_layernorm", x))
@@ -123,12 +122,12 @@ def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> lis
 
 
 def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Array], slot: jax.Array,
-                 positions: jax.Array, mask: jax.Array, kernel: bool) -> tuple[jax.Array, list[jax.Array]]:
+                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
   """One decode step through every layer, unrolled over `_decode_layers` with one latent cache [B,S,W] per
   layer (updated in place at `slot`). Returns (hidden state before the last norm, caches)."""
   out = []
   for layer, cache in zip(layers, caches):
-    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask, kernel)
+    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask)
     out.append(cache)
   return x, out
 
@@ -196,10 +195,9 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
 
 
 def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
-             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int, attention_kernel: bool):
-  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`; attention through the
-  XLA:CPU kernel when `attention_kernel`). tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs,
-  lengths)."""
+             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int):
+  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`). tokens [B,P]
+  right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
   lengths = lengths.astype(jnp.int32)
@@ -228,8 +226,7 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
     step, caches, last, out_tok, out_lp, done, n_gen = carry
     q_pos = (lengths + step - 1)[:, None]
     mask = attention_mask(jnp.ones_like(q_pos), kv_seg, q_pos, kv_pos)
-    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask,
-                             attention_kernel)
+    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask)
     tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, step))
     tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
@@ -243,34 +240,36 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
 
 
 def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
-  """Whether decode steps run on the XLA:CPU kernels (`k25jax.kernels`): on the CPU backend, in float32, once
-  they build here."""
+  """Whether the XLA:CPU routed-experts kernel can serve decode steps: on the CPU backend, in float32, once it
+  builds here (`k25jax.kernels.build`)."""
   return (jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and
-          build.available(routed_experts_cpu.register, latent_attention_cpu.register))
+          build.available(routed_experts_cpu.register))
 
 
 def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, **extra) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": name, **extra})
 
 
-def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int,
-                      choice: str = "auto") -> ml_collections.FrozenConfigDict:
-  """The model config for one-token decode steps of `batch` rows (`sample.decode_moe_dispatch` = `choice`).
+def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int, choice: str = "auto",
+                      kernels: bool = True) -> ml_collections.FrozenConfigDict:
+  """The model config for one-token decode steps of `batch` rows (`sample.decode_moe_dispatch` = `choice`,
+  `sample.cpu_kernels` = `kernels`).
 
   A named dispatch is used as given. `auto` keeps `ragged` and expert-parallel `ep` (accelerators, pods) and
-  replaces the CPU dispatches, which suit training's many rows per expert: with float32 compute, the
-  `cpu_kernel` dispatch (`k25jax.kernels.routed_experts_cpu`: only the routed work, each chosen expert's weights
-  read once; `benchmarks.sampler`); otherwise by rows per expert on each device (the context mesh splits the
-  batch over its data axes): `dense` once rows * top-k reach twice the expert count (every expert then holds
-  about two rows or more and one batched product per projection beats a loop of per-expert tiles), below that
-  `blocked` with its tile shrunk to the next power of two >= rows * top-k / experts (capped by
-  `moe_block_size`), which skips the experts no row chose. No choice changes results, only the work.
+  replaces the CPU dispatches, which suit training's many rows per expert: with the XLA:CPU kernels
+  (`cpu_kernels`), the `cpu_kernel` dispatch (`k25jax.kernels.routed_experts_cpu`: only the routed work, each
+  chosen expert's weights read once per chunk of rows; `benchmarks.sampler`); otherwise by rows per expert on
+  each device (the context mesh splits the batch over its data axes): `dense` once rows * top-k reach twice the
+  expert count (every expert then holds about two rows or more and one batched product per projection beats a
+  loop of per-expert tiles), below that `blocked` with its tile shrunk to the next power of two >= rows * top-k /
+  experts (capped by `moe_block_size`), which skips the experts no row chose. No choice changes results, only
+  the work.
   """
   if choice != "auto":
     return _with_dispatch(m, choice)
   if resolve_dispatch(m.moe_dispatch) not in ("blocked", "dense"):
     return m
-  if cpu_kernels(m):
+  if kernels and cpu_kernels(m):
     return _with_dispatch(m, "cpu_kernel")
   mesh = jax.sharding.get_abstract_mesh()
   rows = -(-batch // (1 if mesh.empty else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))))
@@ -283,11 +282,11 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int,
 
 @functools.lru_cache(maxsize=64)
 def _compiled(m: ml_collections.FrozenConfigDict, m_step: ml_collections.FrozenConfigDict, max_new: int,
-              cache_dtype: str, pad_id: int, attention_kernel: bool):
+              cache_dtype: str, pad_id: int):
   """The jitted program for one model config, decode-step config and max_new_tokens (jit then caches per input
   shape)."""
   return jax.jit(functools.partial(_program, m=m, m_step=m_step, max_new=max_new, cache_dtype=cache_dtype,
-                                   pad_id=pad_id, attention_kernel=attention_kernel))
+                                   pad_id=pad_id))
 
 
 @functools.lru_cache(maxsize=16)
@@ -396,8 +395,9 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   params = jax.device_put(params, shardings["params"])
   moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch)
-    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id), cpu_kernels(m))
+    kernels = bool(scfg.cpu_kernels) and cpu_kernels(m)
+    m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, kernels)
+    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, jnp.float32(temperature),

@@ -5,7 +5,8 @@
 // XLA:CPU has no grouped matmul: its dispatches either run every expert on every row (`dense`, E/k times the
 // routed work) or loop over per-expert tiles with a per-iteration cost that dominates a decode step's few rows.
 // Here each expert's rows are gathered and multiplied in register-blocked chunks of up to kRows rows, so a step
-// reads each chosen expert's weights once (from memory into cache) and does only the routed FLOPs.
+// does only the routed FLOPs and brings each chosen expert's weights from memory once (its later chunks find
+// them in cache).
 // Single-threaded: each XLA CPU device runs its own rows (`k25jax.runtime.cpu_device_per_core`).
 // Forward only, float32; shapes x [T, D], idx [T, k] int32, w [T, k], wg / wu [E, D, F], wd [E, F, D] -> y [T, D].
 

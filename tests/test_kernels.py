@@ -58,6 +58,13 @@ def test_kernel_is_float32_and_forward_only():
     jax.grad(lambda x: routed_experts_cpu.routed_experts(x, idx, w, wg, wu, wd).sum())(x)
 
 
+def test_kernel_names_the_backend_it_needs(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  x, idx, w, wg, wu, wd = _problem(0, 4, 16, 16, 4, 2)
+  with pytest.raises(ValueError, match="XLA:CPU kernel and the backend is 'gpu'"):
+    routed_experts_cpu.routed_experts(x, idx, w, wg, wu, wd)
+
+
 @pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, expert=1, tensor=1),
                                       dict(data=2, fsdp=2, expert=1, tensor=2)], ids=("8x1x1x1", "2x2x1x2"))
 def test_cpu_kernel_dispatch_runs_data_locally(mesh_cfg):

@@ -33,6 +33,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu
     if a.dtype != jnp.float32:
       raise TypeError(f"moe_dispatch='cpu_kernel' computes in float32; {name} is {a.dtype}: set model.dtype="
                       "'float32' or choose model.moe_dispatch='blocked' / 'dense'")
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"moe_dispatch='cpu_kernel' is an XLA:CPU kernel and the backend is "
+                     f"{jax.default_backend()!r}: use model.moe_dispatch='ragged' (or 'auto')")
   register()
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(
       x, idx.astype(jnp.int32), w, wg, wu, wd)

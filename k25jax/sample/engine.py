@@ -256,7 +256,7 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int, choice: st
   `sample.cpu_kernels` = `kernels`).
 
   A named dispatch is used as given. `auto` keeps `ragged` and expert-parallel `ep` (accelerators, pods) and
-  replaces the CPU dispatches, which suit training's many rows per expert: with the XLA:CPU kernels
+  replaces the CPU dispatches, which suit training's many rows per expert: where the XLA:CPU kernel builds
   (`cpu_kernels`), the `cpu_kernel` dispatch (`k25jax.kernels.routed_experts_cpu`: only the routed work, each
   chosen expert's weights read once per chunk of rows; `benchmarks.sampler`); otherwise by rows per expert on
   each device (the context mesh splits the batch over its data axes): `dense` once rows * top-k reach twice the

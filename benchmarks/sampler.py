@@ -217,10 +217,9 @@ def main() -> None:
   peak = matmul_peak("float32")
   ours_tps, hf_tps, speedup, split, load, bound, ablation = {}, {}, {}, {}, {}, {}, {}
   ablate = max(int(s) for s in args.batches.split(",")) if cpu_kernels(freeze(m)) else None
-  ablation_configs = {}
-  for name, fields in (("xla_dispatch", dict(cpu_kernels=False)),):
-    ablation_configs[name] = config.copy_and_resolve_references()
-    ablation_configs[name].sample = ml_collections.ConfigDict(fields)
+  xla_dispatch = config.copy_and_resolve_references()
+  xla_dispatch.sample = ml_collections.ConfigDict(dict(cpu_kernels=False))
+  ablation_configs = {"xla_dispatch": xla_dispatch}
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]

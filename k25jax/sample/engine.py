@@ -395,8 +395,7 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   params = jax.device_put(params, shardings["params"])
   moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    kernels = bool(scfg.cpu_kernels) and cpu_kernels(m)
-    m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, kernels)
+    m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
     fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),

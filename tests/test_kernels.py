@@ -1,5 +1,7 @@
 """The XLA:CPU routed-experts kernel (`k25jax.kernels`) against the per-token MoE loop, and its build cache."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +27,33 @@ def _problem(seed, t, d, f, e, k):
 @pytest.mark.parametrize("t,d,f,e,k", [(16, 256, 128, 16, 4), (5, 48, 40, 4, 3), (1, 64, 16, 8, 2),
                                        (37, 24, 9, 6, 2)])
 def test_kernel_equals_per_token_loop(t, d, f, e, k):
+  """On stored weights (packed inside the call) and on weights packed beforehand (one tile and several, the
+  last one partial), equal to the per-token loop."""
   x, idx, w, wg, wu, wd = _problem(t, t, d, f, e, k)
-  got = jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd)
-  np.testing.assert_allclose(got, _naive_moe(x, idx, w, wg, wu, wd), atol=1e-4, rtol=1e-4)
+  want = _naive_moe(x, idx, w, wg, wu, wd)
+  kernel = jax.jit(routed_experts_cpu.routed_experts)
+  np.testing.assert_allclose(kernel(x, idx, w, wg, wu, wd), want, atol=1e-4, rtol=1e-4)
+  packed = [routed_experts_cpu.pack(a) for a in (wg, wu, wd)]
+  np.testing.assert_allclose(kernel(x, idx, w, *packed), want, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_lays_out_column_tiles_contiguously():
+  """packed[e, j, k, c] = w[e, k, j * TILE + c], zero past the last column."""
+  tile = routed_experts_cpu.TILE
+  w = np.random.default_rng(0).standard_normal((2, 3, tile + 5)).astype(np.float32)
+  packed = np.asarray(routed_experts_cpu.pack(w))
+  assert packed.shape == (2, 2, 3, tile)
+  e, j, k, c = np.meshgrid(*map(np.arange, packed.shape), indexing="ij")
+  col = j * tile + c
+  want = np.where(col < w.shape[2], w[e, k, np.minimum(col, w.shape[2] - 1)], 0.0)
+  np.testing.assert_array_equal(packed, want)
+
+
+def test_kernel_rejects_weights_of_another_shape():
+  x, idx, w, wg, wu, wd = _problem(0, 4, 16, 16, 4, 2)
+  wd_other = routed_experts_cpu.pack(np.concatenate([wd, wd], axis=0))   # 8 experts, not 4
+  with pytest.raises(Exception, match="tile-packed weights"):
+    jax.block_until_ready(jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd_other))
 
 
 def test_kernel_handles_one_expert_holding_every_row():
@@ -71,9 +97,14 @@ def test_cpu_kernel_dispatch_runs_data_locally(mesh_cfg):
   c.mesh.update(**mesh_cfg)
   mesh = shd.make_mesh(c)
   want = jax.jit(moe_lib.get_dispatch("dense"))(x, idx, w, *ws)
+  kernel = jax.jit(moe_lib.get_dispatch("cpu_kernel"))
+  prepare = jax.jit(functools.partial(moe_lib.prepare_experts, "cpu_kernel"))
   with jax.set_mesh(mesh):
-    got = jax.jit(moe_lib.get_dispatch("cpu_kernel"))(jax.device_put(x, shd.batch_sharding(mesh)), idx, w, *ws)
+    xs = jax.device_put(x, shd.batch_sharding(mesh))
+    got = kernel(xs, idx, w, *ws)
+    got_prepared = kernel(xs, idx, w, *prepare(*ws))   # each `tensor` shard packed on its own
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(got_prepared, want, atol=1e-5, rtol=1e-4)
 
 
 def test_build_is_cached_by_source_and_names_a_missing_compiler(tmp_path, monkeypatch):

@@ -6,9 +6,13 @@
 // routed work) or loop over per-expert tiles with a per-iteration cost that dominates a decode step's few rows.
 // Here each expert's rows are gathered and multiplied in register-blocked chunks of up to kRows rows, so a step
 // does only the routed FLOPs and brings each chosen expert's weights from memory once (its later chunks find
-// them in cache).
+// them in cache). At a decode step's few rows per expert the call streams weights, so they come tile-packed
+// (`routed_experts_cpu.pack`, once per generate call): each pass over a column tile is one contiguous read, which
+// the hardware prefetchers follow (row-major [K, N] weights read 64 of every N columns per row, at about half the
+// bandwidth).
 // Single-threaded: each XLA CPU device runs its own rows (`k25jax.runtime.cpu_device_per_core`).
-// Forward only, float32; shapes x [T, D], idx [T, k] int32, w [T, k], wg / wu [E, D, F], wd [E, F, D] -> y [T, D].
+// Forward only, float32; shapes x [T, D], idx [T, k] int32, w [T, k], wg / wu [E, ceil(F / kTile), D, kTile],
+// wd [E, ceil(D / kTile), F, kTile] -> y [T, D].
 
 #include <algorithm>
 #include <cmath>
@@ -25,41 +29,35 @@ namespace {
 
 typedef float Vec __attribute__((vector_size(64), aligned(4)));  // 16 lanes; two 256-bit halves without AVX-512
 constexpr int kLanes = 16;
-constexpr int kRows = 4;  // rows per chunk: kRows x (vectors per tile) accumulators stay in registers
+constexpr int kVecs = 4;                 // vectors per column tile
+constexpr int kTile = kVecs * kLanes;    // columns per tile (`TILE` in routed_experts_cpu.py)
+constexpr int kRows = 4;                 // rows per chunk: kRows x kVecs accumulators stay in registers
 
-// out[r][n] = sum_k a[r][k] * W[k, n] for r < NR and n in [n0, n0 + C * kLanes): one pass over the rows of W.
-template <int NR, int C>
-inline void Tile(const float* const* a, const float* W, int64_t K, int64_t N, int64_t n0, float* const* out) {
-  Vec acc[NR][C];
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Vec{};
-  for (int64_t k = 0; k < K; ++k) {
-    const float* wk = W + k * N + n0;
-    Vec w[C];
-    for (int c = 0; c < C; ++c) std::memcpy(&w[c], wk + c * kLanes, sizeof(Vec));
-    for (int r = 0; r < NR; ++r) {
-      const float s = a[r][k];
-      for (int c = 0; c < C; ++c) acc[r][c] += s * w[c];
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < C; ++c) std::memcpy(out[r] + n0 + c * kLanes, &acc[r][c], sizeof(Vec));
-}
-
-// out[r][:] = a[r][:] W for r < NR, a [NR, K] (row pointers), W [K, N] row-major.
+// out[r][:] = a[r][:] W for r < NR, a [NR, K] (row pointers), W tile-packed [ceil(N / kTile), K, kTile]: tile j
+// holds columns [j * kTile, (j + 1) * kTile) row after row (zero past N), so each tile is one contiguous read.
 template <int NR>
 void RowsTimes(const float* const* a, const float* W, int64_t K, int64_t N, float* const* out) {
-  constexpr int kWide = NR <= 2 ? 8 : 4;  // vectors per tile (wider tiles read longer runs of each row of W)
-  int64_t n0 = 0;
-  for (; n0 + kWide * kLanes <= N; n0 += kWide * kLanes) Tile<NR, kWide>(a, W, K, N, n0, out);
-  for (; n0 + kLanes <= N; n0 += kLanes) Tile<NR, 1>(a, W, K, N, n0, out);
-  for (; n0 < N; ++n0)
-    for (int r = 0; r < NR; ++r) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += a[r][k] * W[k * N + n0];
-      out[r][n0] = s;
+  for (int64_t n0 = 0; n0 < N; n0 += kTile, W += K * kTile) {
+    Vec acc[NR][kVecs];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = Vec{};
+    for (int64_t k = 0; k < K; ++k) {
+      Vec w[kVecs];
+      for (int c = 0; c < kVecs; ++c) {
+        std::memcpy(&w[c], W + k * kTile + c * kLanes, sizeof(Vec));
+        asm("" : "+v"(w[c]));  // keep the loaded row in a register: compilers otherwise reload it for every row
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float s = a[r][k];
+        for (int c = 0; c < kVecs; ++c) acc[r][c] += s * w[c];
+      }
     }
+    const int64_t width = std::min<int64_t>(kTile, N - n0);
+    for (int r = 0; r < NR; ++r) std::memcpy(out[r] + n0, acc[r], sizeof(float) * width);
+  }
 }
+
+int64_t Tiles(int64_t n) { return (n + kTile - 1) / kTile; }
 
 void Rows(int nr, const float* const* a, const float* W, int64_t K, int64_t N, float* const* out) {
   switch (nr) {
@@ -70,8 +68,8 @@ void Rows(int nr, const float* const* a, const float* W, int64_t K, int64_t N, f
   }
 }
 
-// y [T, D] = routed SwiGLU experts of x [T, D] (file comment). Returns the flat index of the first assignment whose
-// expert id is outside [0, E), or -1.
+// y [T, D] = routed SwiGLU experts of x [T, D] (file comment), weights tile-packed. Returns the flat index of the
+// first assignment whose expert id is outside [0, E), or -1.
 int64_t RoutedExpertsCore(const float* xp, const int32_t* ip, const float* wp, const float* wg, const float* wu,
                           const float* wd, float* yp, int64_t T, int64_t D, int64_t K, int64_t E, int64_t F) {
   std::memset(yp, 0, sizeof(float) * T * D);
@@ -93,9 +91,9 @@ int64_t RoutedExpertsCore(const float* xp, const int32_t* ip, const float* wp, c
 
   std::vector<float> g(kRows * F), u(kRows * F), o(kRows * D);
   for (int64_t e = 0; e < E; ++e) {
-    const float* we_g = wg + e * D * F;
-    const float* we_u = wu + e * D * F;
-    const float* we_d = wd + e * F * D;
+    const float* we_g = wg + e * Tiles(F) * D * kTile;
+    const float* we_u = wu + e * Tiles(F) * D * kTile;
+    const float* we_d = wd + e * Tiles(D) * F * kTile;
     for (int64_t s = start[e]; s < start[e + 1]; s += kRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kRows, start[e + 1] - s));
       const float* xr[kRows];
@@ -130,13 +128,17 @@ ffi::Error RoutedExperts(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx, ffi
                          ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), id = idx.dimensions(), gd = wg.dimensions(), dd = wd.dimensions();
   const auto ud = wu.dimensions(), wdim = w.dimensions();
-  if (xd.size() != 2 || id.size() != 2 || wdim.size() != 2 || gd.size() != 3 || ud.size() != 3 ||
-      dd.size() != 3 || id[0] != xd[0] || wdim[0] != id[0] || wdim[1] != id[1] || gd[1] != xd[1] ||
-      ud[0] != gd[0] || ud[1] != gd[1] || ud[2] != gd[2] || dd[0] != gd[0] || dd[1] != gd[2] || dd[2] != xd[1]) {
-    return ffi::Error::InvalidArgument("routed_experts_cpu: expected x [T, D], idx / w [T, k], wg / wu [E, D, F], "
-                                       "wd [E, F, D]");
+  const bool ranks = xd.size() == 2 && id.size() == 2 && wdim.size() == 2 && gd.size() == 4 && ud.size() == 4 &&
+                     dd.size() == 4;
+  if (!ranks || id[0] != xd[0] || wdim[0] != id[0] || wdim[1] != id[1] || dd[0] != gd[0] || dd[1] != Tiles(xd[1]) ||
+      gd[1] != Tiles(dd[2]) || gd[2] != xd[1] || gd[3] != kTile || dd[3] != kTile ||
+      !std::equal(gd.begin(), gd.end(), ud.begin())) {
+    return ffi::Error::InvalidArgument(
+        "routed_experts_cpu: expected x [T, D], idx / w [T, k] and tile-packed weights wg / wu [E, ceil(F / " +
+        std::to_string(kTile) + "), D, " + std::to_string(kTile) + "], wd [E, ceil(D / " + std::to_string(kTile) +
+        "), F, " + std::to_string(kTile) + "] (routed_experts_cpu.pack)");
   }
-  const int64_t T = xd[0], D = xd[1], K = id[1], E = gd[0], F = gd[2];
+  const int64_t T = xd[0], D = xd[1], K = id[1], E = gd[0], F = dd[2];
   const int64_t bad = RoutedExpertsCore(x.typed_data(), idx.typed_data(), w.typed_data(), wg.typed_data(),
                                         wu.typed_data(), wd.typed_data(), y->typed_data(), T, D, K, E, F);
   if (bad != -1) {

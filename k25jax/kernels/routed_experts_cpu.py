@@ -22,13 +22,23 @@ from k25jax.kernels import build
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "k25jax_routed_experts_cpu"
 register = functools.partial(build.register, SOURCE, ((TARGET, "K25RoutedExpertsCpu"),))
+TILE = 64  # columns per packed weight tile (kTile in the C++ source)
+
+
+def pack(wm: jax.Array) -> jax.Array:
+  """[E, K, N] expert matrices -> the kernel's tile-packed [E, ceil(N / TILE), K, TILE] (columns past N zero)."""
+  e, k, n = wm.shape
+  tiles = -(-n // TILE)
+  wm = jnp.pad(wm, ((0, 0), (0, 0), (0, tiles * TILE - n)))
+  return wm.reshape(e, k, tiles, TILE).transpose(0, 2, 1, 3)
 
 
 @jax.custom_vjp
 def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.Array,
                    wd: jax.Array) -> jax.Array:
   """sum_j w[t, j] * SwiGLU_{idx[t, j]}(x[t]) for x [T, D], idx / w [T, k], wg / wu [E, D, F], wd [E, F, D]
-  (float32). Expert ids outside [0, E) fail the call with an error naming them."""
+  (float32), stored or tile-packed (`pack`; calls on the same weights pack them once). Expert ids outside
+  [0, E) fail the call with an error naming them."""
   for name, a in (("x", x), ("w", w), ("wg", wg), ("wu", wu), ("wd", wd)):
     if a.dtype != jnp.float32:
       raise TypeError(f"moe_dispatch='cpu_kernel' computes in float32; {name} is {a.dtype}: set model.dtype="
@@ -38,7 +48,7 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu
                      f"{jax.default_backend()!r}: use model.moe_dispatch='ragged' (or 'auto')")
   register()
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype))(
-      x, idx.astype(jnp.int32), w, wg, wu, wd)
+      x, idx.astype(jnp.int32), w, *(a if a.ndim == 4 else pack(a) for a in (wg, wu, wd)))
 
 
 def _forward(x, idx, w, wg, wu, wd):

@@ -15,7 +15,8 @@ sign rule (`update_correction_bias`). Expert compute has four interchangeable di
   ep       expert parallelism over the `expert` mesh axis in `jax.shard_map`: tokens are all-gathered along the
            axis, each device runs its local experts (ragged), and outputs are reduce-scattered back (dropless).
   cpu_kernel  one XLA:CPU custom call that groups rows by expert and runs only the routed work
-           (`k25jax.kernels.routed_experts_cpu`; forward only, float32: the decode steps of generation on CPU)
+           (`k25jax.kernels.routed_experts_cpu`; forward only, float32: the decode steps of generation on CPU) on
+           tile-packed weights (`prepare_experts`)
 Under a mesh, `ragged`, `blocked` and `dense` run data-locally (`_data_local`): each device routes its own tokens
 with the expert weights gathered, split over `tensor` on the expert width, as MaxText's sparse matmul does; a
 global sort would replicate the whole batch's expert work on every device.
@@ -180,7 +181,13 @@ def route_local(scores: jax.Array, bias: jax.Array, m: ml_collections.ConfigDict
   return jax.shard_map(functools.partial(route, m=m), in_specs=(tok, P()), out_specs=(tok, tok))(scores, bias)
 
 
-def _data_local(fn: Callable) -> Callable:
+# Expert weights split over `tensor` on the expert width: as stored ([E, D, F], [E, F, D]) and tile-packed for
+# the `cpu_kernel` dispatch ([E, ceil(F / TILE), D, TILE], [E, ceil(D / TILE), F, TILE]).
+_EXPERT_SPECS = (P(None, None, "tensor"), P(None, None, "tensor"), P(None, "tensor", None))
+_PACKED_SPECS = (P(None, "tensor", None, None), P(None, "tensor", None, None), P(None, None, "tensor", None))
+
+
+def _data_local(fn: Callable, weight_specs: tuple = _EXPERT_SPECS) -> Callable:
   """Runs a token-local dispatch on each device's own tokens (`jax.shard_map` over the batch axes) with the expert
   weights gathered and split over `tensor` on the expert width (the partial outputs are summed over `tensor`).
   Without a context mesh, or on one device, it is `fn` itself."""
@@ -191,18 +198,37 @@ def _data_local(fn: Callable) -> Callable:
       return fn(x, idx, w, wg, wu, wd)
     tok = P(BATCH_AXES, None)
     local = (lambda *a: jax.lax.psum(fn(*a), "tensor")) if dict(mesh.shape).get("tensor", 1) > 1 else fn
-    return jax.shard_map(local, in_specs=(tok, tok, tok, P(None, None, "tensor"), P(None, None, "tensor"),
-                                          P(None, "tensor", None)),
-                         out_specs=tok, check_vma=False)(x, idx, w, wg, wu, wd)
+    return jax.shard_map(local, in_specs=(tok, tok, tok, *weight_specs), out_specs=tok, check_vma=False)(
+        x, idx, w, wg, wu, wd)
 
   return run
 
 
+def prepare_experts(name: str, wg: jax.Array, wu: jax.Array, wd: jax.Array) -> tuple[jax.Array, ...]:
+  """The expert weights in the layout dispatch `name` reads: tile-packed for `cpu_kernel`
+  (`routed_experts_cpu.pack`, each `tensor` shard of the expert width on its own), as given for the others.
+  Dispatches prepare the weights at every call; a loop that runs a layer many times (the decode steps of
+  `k25jax.sample.engine`) prepares them once before it and passes them to `MoE` as `experts`."""
+  if resolve_dispatch(name) != "cpu_kernel" or wg.ndim == 4:
+    return wg, wu, wd
+  pack = lambda *ws: tuple(routed_experts_cpu.pack(a) for a in ws)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get("tensor", 1) == 1:
+    return pack(wg, wu, wd)
+  return jax.shard_map(pack, in_specs=_EXPERT_SPECS, out_specs=_PACKED_SPECS, check_vma=False)(wg, wu, wd)
+
+
+def dispatch_cpu_kernel(x, idx, w, wg, wu, wd):
+  """The XLA:CPU routed-experts kernel on each device's tokens, on stored or already packed expert weights."""
+  wg, wu, wd = prepare_experts("cpu_kernel", wg, wu, wd)
+  return _data_local(routed_experts_cpu.routed_experts, _PACKED_SPECS)(x, idx, w, wg, wu, wd)
+
+
 def get_dispatch(name: str, block: int = 64, max_block: int = 512) -> Callable:
   name = resolve_dispatch(name)
-  if name == "ep":
-    return dispatch_ep
-  fn = {"ragged": dispatch_ragged, "dense": dispatch_dense, "cpu_kernel": routed_experts_cpu.routed_experts,
+  if name in ("ep", "cpu_kernel"):
+    return {"ep": dispatch_ep, "cpu_kernel": dispatch_cpu_kernel}[name]
+  fn = {"ragged": dispatch_ragged, "dense": dispatch_dense,
         "blocked": functools.partial(dispatch_blocked, block=block, max_block=max_block)}[name]
   return _data_local(fn)
 
@@ -226,11 +252,15 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-  """Routed experts (stacked [E, ...] weights) + shared expert(s). Returns (y, aux)."""
+  """Routed experts (stacked [E, ...] weights) + shared expert(s). Returns (y, aux).
+
+  `experts`: optional (gate, up, down) expert weights already in the dispatch's layout (`prepare_experts`), used
+  instead of the stored parameters' per-call preparation."""
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, valid: jax.Array,
+               experts: tuple[jax.Array, ...] | None = None) -> tuple[jax.Array, dict]:
     m = self.config
     b, l, d = x.shape
     e, f, dt = m.n_routed_experts, m.moe_intermediate_size, dtype_of(m.dtype)
@@ -238,13 +268,13 @@ class MoE(nn.Module):
     idx, w, scores = Router(m, name="gate")(x2)
     init = nn.initializers.normal(m.initializer_range)
     pd = dtype_of(m.param_dtype)
-    experts = {
-        name: self.param(f"experts_{name}", nn.with_logical_partitioning(init, names), shape, pd).astype(dt)
+    stored = tuple(
+        self.param(f"experts_{name}", nn.with_logical_partitioning(init, names), shape, pd).astype(dt)
         for name, names, shape in (("gate_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
                                    ("up_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
-                                   ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d)))}
+                                   ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d))))
     dispatch = get_dispatch(m.moe_dispatch, m.moe_block_size, m.moe_max_block_size)
-    y = dispatch(x2.astype(dt), idx, w, experts["gate_proj"], experts["up_proj"], experts["down_proj"])
+    y = dispatch(x2.astype(dt), idx, w, *(stored if experts is None else experts))
     y = y.reshape(b, l, d)
     if m.n_shared_experts:
       y = y + SwiGLU(f * m.n_shared_experts, m.dtype, m.param_dtype, m.initializer_range,

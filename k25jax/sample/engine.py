@@ -8,7 +8,7 @@ Only attention differs from the training forward: it runs in DeepSeek-V3's absor
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
 chosen for a step's few rows (`decode_moe_config`; on CPU in float32 the routed-experts kernel,
-`k25jax.kernels.routed_experts_cpu`).
+`k25jax.kernels.routed_experts_cpu`, whose tile-packed expert weights are prepared once, before the loop).
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt
@@ -37,7 +37,7 @@ from k25jax.kernels import build, routed_experts_cpu
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
-from k25jax.model.moe import MoE, resolve_dispatch
+from k25jax.model.moe import MoE, prepare_experts, resolve_dispatch
 from k25jax.model import rope
 from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
 from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
@@ -67,10 +67,11 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
   return nn.with_logical_constraint(x + y, ("batch", "length", "act_embed")), cache
 
 
-def _model_ffn(m, use_moe: bool, lp: Params, ls: Params, valid: jax.Array):
-  """The layer's feed-forward as the model computes it: `MoE` (the config's dispatch) or `SwiGLU`."""
+def _model_ffn(m, use_moe: bool, lp: Params, ls: Params, valid: jax.Array, experts: tuple | None = None):
+  """The layer's feed-forward as the model computes it: `MoE` (the config's dispatch; `experts`: its expert
+  weights already prepared, `moe.prepare_experts`) or `SwiGLU`."""
   if use_moe:
-    return lambda h: MoE(m).apply({"params": lp["mlp"], "moe_state": ls["mlp"]}, h, valid)[0]
+    return lambda h: MoE(m).apply({"params": lp["mlp"], "moe_state": ls["mlp"]}, h, valid, experts)[0]
   return SwiGLU(m.intermediate_size, m.dtype, m.param_dtype, m.initializer_range).bind({"params": lp["mlp"]})
 
 
@@ -110,14 +111,18 @@ def _stacks(m) -> list[tuple[str, bool, int, int]]:
 def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> list[dict]:
   """Per-layer parameters for decode steps, sliced out of the stacks once per generate call (a scan would
   dynamic-slice, i.e. copy, every weight at every step), with each layer's feed-forward (`MoE` with the dispatch
-  of `decode_moe_config`, or `SwiGLU`)."""
+  of `decode_moe_config` and its expert weights prepared here, once, or `SwiGLU`)."""
   valid = jnp.ones((batch, 1), bool)
   layers = []
   for name, use_moe, _, count in _stacks(m_step):
     for j in range(count):
       lp = jax.tree.map(lambda a: a[j], params[name])
       ls = jax.tree.map(lambda a: a[j], moe_state[name]) if use_moe else {}
-      layers.append(dict(lp=lp, ffn=_model_ffn(m_step, use_moe, lp, ls, valid)))
+      experts = None
+      if use_moe:
+        stored = (lp["mlp"][f"experts_{p}_proj"] for p in ("gate", "up", "down"))
+        experts = prepare_experts(m_step.moe_dispatch, *stored)
+      layers.append(dict(lp=lp, ffn=_model_ffn(m_step, use_moe, lp, ls, valid, experts)))
   return layers
 
 

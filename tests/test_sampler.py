@@ -269,6 +269,16 @@ def test_unfiltered_sampling_draws_from_tempered_logits():
   np.testing.assert_array_equal(greedy, np.argmax(logits, axis=-1))
 
 
+def test_first_argmax_is_argmax_with_ties():
+  """Rows with ties (first maximal index wins), -inf entries and one NaN row (clamped into the vocabulary)."""
+  logits = np.random.default_rng(0).integers(-3, 3, (64, 40)).astype(np.float32)
+  logits[1, :] = -np.inf
+  logits[2, 5] = np.inf
+  np.testing.assert_array_equal(jax.jit(engine.first_argmax)(logits), np.argmax(logits, axis=-1))
+  logits[3, :] = np.nan
+  assert 0 <= int(engine.first_argmax(logits)[3]) < 40
+
+
 def test_filter_logits_matches_numpy_top_k_top_p():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 20)).astype(np.float32) * 2

@@ -170,6 +170,14 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
   return jnp.where(x < threshold, -jnp.inf, x)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+  """`jnp.argmax(logits, -1)` (the first maximal index) as a max and a min over indices: XLA:CPU runs argmax's
+  (value, index) pair reduction as a slow variadic reduce, about as long as a `small` decode step's head matmul."""
+  v = logits.shape[-1]
+  first = jnp.min(jnp.where(logits == logits.max(-1, keepdims=True), jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)   # rows of NaN match nothing
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, greedy: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Next tokens [B] and their log-probabilities under the RAW model (log-softmax of the unfiltered logits at
@@ -185,7 +193,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0], dtype=jnp.int32))
     return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
 
-  tokens = jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), draw)
+  tokens = jax.lax.cond(greedy, lambda: first_argmax(logits), draw)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens, logprobs
 
@@ -251,7 +259,11 @@ def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
           build.available(routed_experts_cpu.register))
 
 
-def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, **extra) -> ml_collections.FrozenConfigDict:
+@functools.lru_cache(maxsize=64)
+def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, block: int | None = None
+                   ) -> ml_collections.FrozenConfigDict:
+  """m with `moe_dispatch` = name (and `moe_block_size` = block); cached: a FrozenConfigDict takes ~1 ms to build."""
+  extra = {} if block is None else {"moe_block_size": block}
   return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": name, **extra})
 
 
@@ -281,8 +293,7 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int, choice: st
   if rows * m.num_experts_per_tok >= 2 * m.n_routed_experts:
     return _with_dispatch(m, "dense")
   rows_per_expert = -(-rows * m.num_experts_per_tok // m.n_routed_experts)
-  return _with_dispatch(m, "blocked",
-                        moe_block_size=min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length()))
+  return _with_dispatch(m, "blocked", min(int(m.moe_block_size), 1 << (rows_per_expert - 1).bit_length()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -404,9 +415,10 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
     fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
-        jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, jnp.float32(temperature),
-        jnp.int32(top_k), jnp.float32(top_p), jnp.bool_(greedy), jnp.asarray(stop))
-  out_tok, out_lp, n_gen = multihost_utils.process_allgather((out_tok, out_lp, n_gen), tiled=True)
+        jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, np.float32(temperature),
+        np.int32(top_k), np.float32(top_p), np.bool_(greedy), stop)
+  if jax.process_count() > 1:
+    out_tok, out_lp, n_gen = multihost_utils.process_allgather((out_tok, out_lp, n_gen), tiled=True)
   return dict(tokens=np.asarray(out_tok)[:b], logprobs=np.asarray(out_lp)[:b], lengths=np.asarray(n_gen)[:b])
 
 

@@ -16,9 +16,11 @@ process (`benchmarks.train_step.matmul_peak`), the model FLOPs of one step (2 x 
 `k25jax.train.flops`, plus QK and AV over the mean context) and the FLOPs the step executes (with the `dense`
 decode dispatch every routed expert runs on every row), the step time each would take at that peak, the decode
 MFU, and the decode step that `--target` x transformers' tokens/s would need after our measured prefill.
-`kernel_ablation` times, at the largest batch and in the same interleaved rounds, our decode steps without the
+`decode_ablation` times, at the largest batch and in the same interleaved rounds, our generation without the
 routed-experts kernel (`xla_dispatch`: `sample.cpu_kernels=False`, the `dense`/`blocked` dispatch
-`decode_moe_config` then picks) next to the default (`ours`: the `cpu_kernel` dispatch).
+`decode_moe_config` then picks) and without prepared decode weights (`unprepared`: each call slices and packs them
+in its program, one copy per device) next to the default (`ours`: the `cpu_kernel` dispatch on weights from
+`prepare_decode`, made once per batch size before timing; `prepare_decode_s` records how long that took).
 
 Ours runs data-parallel over one XLA CPU device per core (`k25jax.runtime.cpu_device_per_core`, `--cpu_devices`
 overrides), each batch on as many devices as divide it (batch 1: one device); transformers uses torch's default
@@ -51,7 +53,7 @@ from k25jax.model import K2LM, text_inputs  # noqa: E402
 from k25jax.model.lm import freeze  # noqa: E402
 from k25jax.runtime import cpu_device_per_core  # noqa: E402
 from k25jax.sample import generate  # noqa: E402
-from k25jax.sample.engine import cpu_kernels, decode_moe_config  # noqa: E402
+from k25jax.sample.engine import cpu_kernels, decode_moe_config, prepare_decode  # noqa: E402
 from k25jax.sharding import get_rules, init_sharded, make_mesh  # noqa: E402
 from k25jax.train import flops  # noqa: E402
 
@@ -219,15 +221,26 @@ def main() -> None:
   ablate = max(int(s) for s in args.batches.split(",")) if cpu_kernels(freeze(m)) else None
   xla_dispatch = config.copy_and_resolve_references()
   xla_dispatch.sample = ml_collections.ConfigDict(dict(cpu_kernels=False))
-  ablation_configs = {"xla_dispatch": xla_dispatch}
+  ablation_configs = {"xla_dispatch": (xla_dispatch, True), "unprepared": (config, False)}
+  prepare_s = {}
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
     rows = [list(r) for r in prompts]
-    run = lambda new, cfg=config, mesh=mesh_for(b): generate(params, moe_state, cfg, rows, max_new_tokens=new,
-                                                             rng=jax.random.key(0), greedy=True, mesh=mesh)
+    mesh_b = mesh_for(b)
+    t0 = time.perf_counter()
+    prepared = {id(config): prepare_decode(params, moe_state, config, mesh_b)}
+    prepare_s[b] = time.perf_counter() - t0
+    if b == ablate:
+      prepared[id(xla_dispatch)] = prepare_decode(params, moe_state, xla_dispatch, mesh_b)
+
+    def run(new, cfg=config, prepare=True):
+      return generate(params, moe_state, cfg, rows, max_new_tokens=new, rng=jax.random.key(0), greedy=True,
+                      mesh=mesh_b, decode_weights=prepared[id(cfg)] if prepare else None)
+
     fns = {"ours": run, "hf": lambda new: hf_generate(hf, prompts, new)}
-    if b == ablate:  # the CPU kernels' share: each decode-step variant of ours, timed in the same rounds
-      fns.update({name: functools.partial(run, cfg=cfg) for name, cfg in ablation_configs.items()})
+    if b == ablate:  # the CPU kernels' and prepared weights' shares: decode variants timed in the same rounds
+      fns.update({name: functools.partial(run, cfg=cfg, prepare=prep)
+                  for name, (cfg, prep) in ablation_configs.items()})
     t = timed({(who, new): functools.partial(fn, new) for who, fn in fns.items() for new in (args.new, 1)},
               args.reps)
     load[b] = os.getloadavg()[0]
@@ -243,7 +256,7 @@ def main() -> None:
                   for who in ("ours", *ablation_configs)}
       print("           decode step by variant: " + ", ".join(f"{k} {v['decode_step_ms']:.2f} ms"
                                                             for k, v in ablation.items()))
-    bound[b] = decode_bound(m, mesh_for(b), b, args.prompt, args.new, split[b]["ours"]["decode_step_ms"] / 1e3,
+    bound[b] = decode_bound(m, mesh_b, b, args.prompt, args.new, split[b]["ours"]["decode_step_ms"] / 1e3,
                             t[("ours", 1)], hf_tps[b], peak, args.target)
     print(f"batch {b:3d}: ours {ours_tps[b]:9.1f} tok/s   transformers {hf_tps[b]:9.1f} tok/s   "
           f"speedup {speedup[b]:6.2f}x   prefill ours/hf {t[('ours', 1)] * 1e3:.0f}/{t[('hf', 1)] * 1e3:.0f} ms   "
@@ -260,9 +273,10 @@ def main() -> None:
       ours_tokens_per_s={str(k): v for k, v in ours_tps.items()},
       hf_tokens_per_s={str(k): v for k, v in hf_tps.items()},
       speedup={str(k): v for k, v in speedup.items()}, split={str(k): v for k, v in split.items()},
+      prepare_decode_s={str(k): v for k, v in prepare_s.items()},
       loadavg_1min={str(k): v for k, v in load.items()}, agreement=agreement,
       decode_bound={str(k): v for k, v in bound.items()},
-      kernel_ablation=dict(batch=ablate, variants=ablation),
+      decode_ablation=dict(batch=ablate, variants=ablation),
       versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
       torch_threads=torch.get_num_threads(), machine=platform.machine(), cpus=os.cpu_count())
   with open(args.out, "w") as f:

@@ -85,6 +85,33 @@ def cpu_devices_for_training(config) -> int:
   return cpu_device_per_core(count) if count > 1 else 1
 
 
+def share_host_replicas(tree):
+  """`tree` with each fully replicated jax.Array on two or more CPU devices re-homed onto ONE host buffer that
+  every device aliases; other leaves are returned as they are.
+
+  The CPU devices of a process (`cpu_device_per_core`) share the host's memory, yet a replicated array holds a copy
+  per device, so data-parallel steps stream every weight once per device through the shared caches. A 64-byte
+  aligned NumPy buffer is placed on each device without a copy (XLA:CPU aliases aligned host buffers); the arrays
+  are read-only views of it, alive as long as they are (JAX holds the buffer).
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  def share(a):
+    devices = getattr(a, "sharding", None) and a.sharding.addressable_devices
+    if (not isinstance(a, jax.Array) or len(devices) < 2 or not a.sharding.is_fully_replicated or
+        any(d.platform != "cpu" for d in devices)):
+      return a
+    value = np.asarray(a.addressable_shards[0].data)
+    raw = np.empty(value.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    host = raw[start:start + value.nbytes].view(value.dtype).reshape(value.shape)
+    host[...] = value
+    return jax.make_array_from_single_device_arrays(a.shape, a.sharding, [jax.device_put(host, d) for d in devices])
+
+  return jax.tree.map(share, tree)
+
+
 def main(argv: list[str]) -> None:
   """`python -m k25jax.runtime CMD [ARGS...]`: runs CMD with jemalloc preloaded when available."""
   if not argv:

@@ -72,3 +72,24 @@ def test_cpu_devices_for_training_splits_the_batch_over_the_cores():
                          capture_output=True, text=True).stdout.split()
     devices = 3 if "XLA_FLAGS" in child_env else count
     assert out == [str(count), str(devices)], (edit, out)
+
+
+def test_share_host_replicas_aliases_one_buffer_on_every_cpu_device():
+  """A replicated array on the 8 CPU devices comes back with equal values and ONE buffer behind every shard; a
+  sharded array and a single-device one are returned as they are."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  value = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
+  replicated = jax.jit(lambda a: a + 0, out_shardings=NamedSharding(mesh, P()))(value)   # a copy per device
+  split = jax.device_put(value, NamedSharding(mesh, P("data")))
+  single = jax.device_put(value, jax.devices()[0])
+  shared, same_split, same_single = runtime.share_host_replicas((replicated, split, single))
+  assert len({s.data.unsafe_buffer_pointer() for s in replicated.addressable_shards}) == 8
+  assert len({s.data.unsafe_buffer_pointer() for s in shared.addressable_shards}) == 1
+  assert shared.sharding == replicated.sharding
+  np.testing.assert_array_equal(np.asarray(shared), value)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a * 2)(shared)), value * 2)
+  assert same_split is split and same_single is single

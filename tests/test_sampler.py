@@ -174,6 +174,28 @@ def test_one_device_and_eight_devices_agree(setup, greedy_out):
   np.testing.assert_array_equal(s1["tokens"], s8["tokens"])
 
 
+def test_prepared_decode_weights_give_the_same_generation(setup, greedy_out):
+  """generate with `prepare_decode`'s weights (per-layer slices, packed experts, one host buffer for the 8 CPU
+  devices) equals generate that lays them out in its program; weights of other parameters, or of another mesh or
+  config, are refused."""
+  config, mesh, _, params, state = setup
+  prepared = engine.prepare_decode(params, state, config, mesh)
+  assert prepared.packed
+  kernel = prepared.arrays["layers"][-1]["experts"][0]
+  assert len({s.data.unsafe_buffer_pointer() for s in kernel.addressable_shards}) == 1
+  out = generate(params, state, config, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+                 mesh=mesh, decode_weights=prepared)
+  np.testing.assert_array_equal(out["tokens"], greedy_out["tokens"])
+  np.testing.assert_array_equal(out["logprobs"], greedy_out["logprobs"])
+  other = jax.tree.map(lambda a: a + 0, params)
+  with pytest.raises(ValueError, match="prepared from other parameters"):
+    generate(other, state, config, PROMPTS, max_new_tokens=2, rng=jax.random.key(0), mesh=mesh,
+             decode_weights=prepared)
+  with pytest.raises(ValueError, match="another mesh or config"):
+    generate(params, state, config, PROMPTS, max_new_tokens=2, rng=jax.random.key(0),
+             mesh=make_mesh(config, jax.devices()[:4]), decode_weights=prepared)
+
+
 def test_input_embeds_prefill_equals_token_prefill(setup, greedy_out):
   config, mesh, model, params, state = setup
   tokens = np.zeros((len(PROMPTS), 7), np.int32)
@@ -223,22 +245,24 @@ def test_cache_is_split_over_the_batch_axes():
 def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
   """On a data-parallel mesh each device decodes its own rows: the compiled program (prefill + decode loop) has
   no all-gather (the router's top-k and the per-layer cache slices once gathered the batch every step) and one
-  all-reduce, the loop's all-rows-done check."""
+  all-reduce, the loop's all-rows-done check; also on decode weights prepared beforehand (`prepare_decode`)."""
   config, _, _, params, state = setup
   cfg = get_config("tiny")
   cfg.mesh.update(data=2)
   mesh, rules = make_mesh(cfg, jax.devices()[:2]), get_rules(cfg)
   m = engine.freeze(config.model)
   shardings = engine._variable_shardings(m, mesh, rules)
-  args = (jax.device_put(params, shardings["params"]), jax.device_put(state, shardings["moe_state"]),
-          jax.device_put(np.ones((4, 8), np.int32), batch_sharding(mesh, 2)),
-          jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
-          jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0)
-    hlo = fn.lower(*args).compile().as_text()
-  ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
-  assert ops == ["all-reduce"], ops
+  placed = (jax.device_put(params, shardings["params"]), jax.device_put(state, shardings["moe_state"]))
+  inputs = (jax.device_put(np.ones((4, 8), np.int32), batch_sharding(mesh, 2)),
+            jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
+            jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
+  for decode in (None, engine.prepare_decode(*placed, cfg, mesh).arrays):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0)
+      hlo = fn.lower(*placed, decode, *inputs).compile().as_text()
+    ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                     hlo)
+    assert ops == ["all-reduce"], ops
 
 
 def test_small_batch_decode_path_equals_recompute(setup, reference_logits):

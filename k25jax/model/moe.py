@@ -254,8 +254,8 @@ class Router(nn.Module):
 class MoE(nn.Module):
   """Routed experts (stacked [E, ...] weights) + shared expert(s). Returns (y, aux).
 
-  `experts`: optional (gate, up, down) expert weights already in the dispatch's layout (`prepare_experts`), used
-  instead of the stored parameters' per-call preparation."""
+  `experts`: optional (gate, up, down) expert weights already in the dispatch's layout (`prepare_experts`); the
+  stored `experts_*` parameters are then not read (nor needed)."""
   config: ml_collections.ConfigDict
 
   @nn.compact
@@ -266,15 +266,16 @@ class MoE(nn.Module):
     e, f, dt = m.n_routed_experts, m.moe_intermediate_size, dtype_of(m.dtype)
     x2 = x.reshape(b * l, d)
     idx, w, scores = Router(m, name="gate")(x2)
-    init = nn.initializers.normal(m.initializer_range)
-    pd = dtype_of(m.param_dtype)
-    stored = tuple(
-        self.param(f"experts_{name}", nn.with_logical_partitioning(init, names), shape, pd).astype(dt)
-        for name, names, shape in (("gate_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
-                                   ("up_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
-                                   ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d))))
+    if experts is None:
+      init = nn.initializers.normal(m.initializer_range)
+      experts = tuple(
+          self.param(f"experts_{name}", nn.with_logical_partitioning(init, names), shape,
+                     dtype_of(m.param_dtype)).astype(dt)
+          for name, names, shape in (("gate_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
+                                     ("up_proj", ("exp", "embed", "moe_mlp"), (e, d, f)),
+                                     ("down_proj", ("exp", "moe_mlp", "embed"), (e, f, d))))
     dispatch = get_dispatch(m.moe_dispatch, m.moe_block_size, m.moe_max_block_size)
-    y = dispatch(x2.astype(dt), idx, w, *(stored if experts is None else experts))
+    y = dispatch(x2.astype(dt), idx, w, *experts)
     y = y.reshape(b, l, d)
     if m.n_shared_experts:
       y = y + SwiGLU(f * m.n_shared_experts, m.dtype, m.param_dtype, m.initializer_range,

@@ -21,7 +21,9 @@ temperature, top-k, top-p and greedy are traced values and never recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import weakref
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -40,6 +42,7 @@ from k25jax.model.mla import MLA, attention_mask
 from k25jax.model.moe import MoE, prepare_experts, resolve_dispatch
 from k25jax.model import rope
 from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
+from k25jax.runtime import share_host_replicas
 from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
 
 Params = Any
@@ -108,22 +111,34 @@ def _stacks(m) -> list[tuple[str, bool, int, int]]:
   return [s for s in stacks if s[3]]
 
 
-def _decode_layers(params: Params, moe_state: Params, m_step, batch: int) -> list[dict]:
-  """Per-layer parameters for decode steps, sliced out of the stacks once per generate call (a scan would
-  dynamic-slice, i.e. copy, every weight at every step), with each layer's feed-forward (`MoE` with the dispatch
-  of `decode_moe_config` and its expert weights prepared here, once, or `SwiGLU`)."""
-  valid = jnp.ones((batch, 1), bool)
+_TOP = ("embed_tokens", "norm", "lm_head")   # the LM's parameters outside the layer stacks
+
+
+def _decode_arrays(params: Params, moe_state: Params, m_step) -> dict:
+  """The weights decode steps read: the LM's embedding, final norm and head, and per layer its parameters sliced
+  out of the stacks (a scan would dynamic-slice, i.e. copy, every weight at every step), its MoE state and its
+  expert weights in the decode dispatch's layout (`moe.prepare_experts`, e.g. tile-packed for the CPU kernel) in
+  place of the stored ones."""
   layers = []
   for name, use_moe, _, count in _stacks(m_step):
     for j in range(count):
       lp = jax.tree.map(lambda a: a[j], params[name])
-      ls = jax.tree.map(lambda a: a[j], moe_state[name]) if use_moe else {}
-      experts = None
+      layer = dict(lp=lp)
       if use_moe:
-        stored = (lp["mlp"][f"experts_{p}_proj"] for p in ("gate", "up", "down"))
-        experts = prepare_experts(m_step.moe_dispatch, *stored)
-      layers.append(dict(lp=lp, ffn=_model_ffn(m_step, use_moe, lp, ls, valid, experts)))
-  return layers
+        stored = tuple(lp["mlp"][f"experts_{p}_proj"] for p in ("gate", "up", "down"))
+        layer.update(lp=dict(lp, mlp={k: v for k, v in lp["mlp"].items() if not k.startswith("experts_")}),
+                     ls=jax.tree.map(lambda a: a[j], moe_state[name]),
+                     experts=prepare_experts(m_step.moe_dispatch, *stored))
+      layers.append(layer)
+  return dict(top={k: params[k] for k in _TOP}, layers=layers)
+
+
+def _decode_layers(arrays: dict, m_step, batch: int) -> list[dict]:
+  """Each layer's parameters (`_decode_arrays`) with its feed-forward: `MoE` with the dispatch of
+  `decode_moe_config` on the prepared expert weights, or `SwiGLU`."""
+  valid = jnp.ones((batch, 1), bool)
+  return [dict(lp=layer["lp"], ffn=_model_ffn(m_step, "experts" in layer, layer["lp"], layer.get("ls", {}), valid,
+                                              layer.get("experts"))) for layer in arrays["layers"]]
 
 
 def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Array], slot: jax.Array,
@@ -207,10 +222,11 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
   return jnp.where((src >= 0).reshape(*src.shape, *([1] * (x.ndim - 2))), gathered, fill)
 
 
-def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
+def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
              *, m, m_step, max_new: int, cache_dtype: str, pad_id: int):
-  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`). tokens [B,P]
-  right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
+  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`) on the decode weights
+  `decode` (`_decode_arrays`; None: sliced here). tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs,
+  lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
   lengths = lengths.astype(jnp.int32)
@@ -232,15 +248,17 @@ def _program(params, moe_state, tokens, lengths, input_embeds, rng, temperature,
     step, _, _, _, _, done, _ = carry
     return (step < max_new) & ~jnp.all(done)
 
-  layers = _decode_layers(params, moe_state, m_step, b)
+  decode = _decode_arrays(params, moe_state, m_step) if decode is None else decode
+  layers = _decode_layers(decode, m_step, b)
   caches = [nn.with_logical_constraint(c, CACHE_AXES[1:]) for c in cache]
 
   def body(carry):
     step, caches, last, out_tok, out_lp, done, n_gen = carry
     q_pos = (lengths + step - 1)[:, None]
     mask = attention_mask(jnp.ones_like(q_pos), kv_seg, q_pos, kv_pos)
-    h, caches = _decode_step(layers, m_step, embed(params, m, last[:, None]), caches, p + step - 1, q_pos, mask)
-    tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, step))
+    h, caches = _decode_step(layers, m_step, embed(decode["top"], m, last[:, None]), caches, p + step - 1, q_pos,
+                             mask)
+    tok, lp = sample(logits_from_hidden(decode["top"], m, h)[:, 0], jax.random.fold_in(rng, step))
     tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
     out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, lp, step, axis=1)
@@ -314,6 +332,55 @@ def _variable_shardings(m: ml_collections.FrozenConfigDict, mesh, rules) -> dict
   return nn.meta.unbox(tree_shardings(abstract, mesh, rules))
 
 
+def _placed(params: Params, moe_state: Params, m, mesh, rules) -> tuple[Params, Params]:
+  """The LM's collections placed by their logical axis names on `mesh` (no copy where they already are)."""
+  shardings = _variable_shardings(m, mesh, rules)
+  return jax.device_put(params, shardings["params"]), jax.device_put(moe_state, shardings.get("moe_state", {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+  """The weights decode steps read, laid out once (`prepare_decode`) for any number of `generate` calls."""
+  arrays: dict                    # `_decode_arrays`
+  packed: bool                    # expert weights tile-packed for the `cpu_kernel` dispatch
+  mesh: jax.sharding.Mesh
+  config_key: tuple               # (model config, decode dispatch choice, CPU kernels) they were prepared for
+  sources: tuple                  # weak references to the parameter leaves they came from
+
+  def check(self, params: Params, moe_state: Params, config_key: tuple, mesh) -> None:
+    """Raises ValueError when these weights do not belong to this generate call's parameters, config or mesh."""
+    leaves = jax.tree.leaves((params, moe_state))
+    if len(leaves) != len(self.sources) or any(r() is not a for r, a in zip(self.sources, leaves)):
+      raise ValueError("decode_weights were prepared from other parameters; call prepare_decode again after the "
+                       "parameters change")
+    if mesh != self.mesh or config_key != self.config_key:
+      raise ValueError("decode_weights were prepared for another mesh or config; call prepare_decode with the "
+                       "config and mesh given to generate")
+
+
+def _config_key(m: ml_collections.FrozenConfigDict, scfg) -> tuple:
+  return m, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels)
+
+
+def prepare_decode(params: Params, moe_state: Params, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh | None = None) -> DecodeWeights:
+  """Lays out the decode steps' weights once, for `generate(..., decode_weights=...)` calls with these parameters,
+  config and mesh (default `make_mesh(config)`): per-layer slices, expert weights in the decode dispatch's layout,
+  and on a host's CPU devices one buffer per weight that every device reads (`runtime.share_host_replicas`)
+  instead of one copy per device. Prepare again after the parameters change."""
+  validate(config)
+  scfg = sample_cfg.resolve(config)
+  m = freeze(config.model)
+  mesh = make_mesh(config) if mesh is None else mesh
+  rules = get_rules(config)
+  placed = _placed(params, moe_state, m, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    m_step = decode_moe_config(m, 1, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
+    arrays = jax.jit(_decode_arrays, static_argnums=2)(*placed, m_step)
+  return DecodeWeights(share_host_replicas(arrays), m_step.moe_dispatch == "cpu_kernel", mesh, _config_key(m, scfg),
+                       tuple(weakref.ref(a) for a in jax.tree.leaves((params, moe_state))))
+
+
 # ----------------------------------------------------------------------------------------------- entry point
 def _normalise_prompts(prompts, vocab: int) -> tuple[np.ndarray, np.ndarray]:
   """list of token lists | (tokens [B, L] right-padded, lengths [B]) -> (tokens, lengths) as numpy."""
@@ -354,7 +421,8 @@ def bucket_length(length: int, min_bucket: int) -> int:
 def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDict, prompts, *,
              max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, stop_tokens: Sequence[int] = (), input_embeds: jax.Array | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+             mesh: jax.sharding.Mesh | None = None,
+             decode_weights: DecodeWeights | None = None) -> dict[str, np.ndarray]:
   """Samples continuations of a batch of prompts with the MLA latent cache (DESIGN "generation").
 
   params / moe_state: the LM's collections (K25Model: `params["language_model"]`, `moe_state["language_model"]`).
@@ -363,6 +431,8 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   e.g. K25Model text embeddings with vision tokens scattered in, so the vision path runs once before prefill;
   generated tokens are embedded by the LM. mesh: defaults to `make_mesh(config)`; the batch (padded to a
   multiple of the data axes with dummy rows) and cache are split over `("data", "fsdp", "expert")`.
+  decode_weights: the decode steps' weights from `prepare_decode` on these params, config and mesh, reused across
+  calls (otherwise each call slices and lays them out inside its program).
 
   Returns numpy arrays: `tokens` [B, max_new_tokens] (pad_id after a sequence ends), `logprobs` [B, max_new]
   (log-softmax of the raw model at temperature 1, whatever the sampling settings; 0 after the end), `lengths` [B]
@@ -407,14 +477,14 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
     embeds = jnp.pad(e[:, :p], ((0, rows - b), (0, p - min(e.shape[1], p)), (0, 0)))
     embeds = jax.device_put(embeds, batch_sharding(mesh, 3))
 
-  shardings = _variable_shardings(m, mesh, rules)
-  params = jax.device_put(params, shardings["params"])
-  moe_state = jax.device_put(moe_state, shardings.get("moe_state", {}))
+  if decode_weights is not None:
+    decode_weights.check(params, moe_state, _config_key(m, scfg), mesh)
+  params, moe_state = _placed(params, moe_state, m, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
     fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
     out_tok, out_lp, n_gen = fn(
-        params, moe_state, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
+        params, moe_state, decode_weights and decode_weights.arrays, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, np.float32(temperature),
         np.int32(top_k), np.float32(top_p), np.bool_(greedy), stop)
   if jax.process_count() > 1:
@@ -422,5 +492,5 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   return dict(tokens=np.asarray(out_tok)[:b], logprobs=np.asarray(out_lp)[:b], lengths=np.asarray(n_gen)[:b])
 
 
-__all__ = ["bucket_length", "embed", "filter_logits", "forward_with_cache", "generate", "logits_from_hidden",
-           "sample_tokens"]
+__all__ = ["DecodeWeights", "bucket_length", "embed", "filter_logits", "forward_with_cache", "generate",
+           "logits_from_hidden", "prepare_decode", "sample_tokens"]

@@ -172,7 +172,8 @@ def main() -> None:
   parser.add_argument("--batches", default="1,8,32")
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--new", type=int, default=64)
-  parser.add_argument("--reps", type=int, default=9)
+  parser.add_argument("--reps", type=int, default=25,
+                      help="interleaved rounds (medians over minutes of this machine's drifting speed)")
   parser.add_argument("--init_std", type=float, default=0.1,
                       help="weight init std: larger than the 0.02 default so greedy argmax is not a near-tie")
   parser.add_argument("--target", type=float, default=5.0, help="speedup whose decode step `decode_bound` reports")

@@ -9,6 +9,8 @@ stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled ov
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
 chosen for a step's few rows (`decode_moe_config`; on CPU in float32 the routed-experts kernel,
 `k25jax.kernels.routed_experts_cpu`, whose tile-packed expert weights are prepared once, before the loop).
+`prepare_decode` does that layout once for many calls (RL rollouts, evaluation sweeps, the benchmark), and on a
+host's CPU devices gives every device the same buffer of each weight instead of a copy each.
 
 Padding side: prompts are LEFT-padded to a bucket P (a power of two), so every row's last prompt token sits at
 slot P - 1 and generated token t at slot P + t; positions count from each row's first real token, so a prompt

@@ -93,6 +93,12 @@ def test_absorbed_cache_forward_equals_model_forward(setup):
     n = int(lengths[i])
     np.testing.assert_allclose(got[i, 8 - n:], want[i, :n], rtol=1e-4, atol=1e-4)
   assert cache.shape == (m.num_hidden_layers, 2, 8, m.kv_lora_rank + m.qk_rope_head_dim)
+  # last_only (prefill): the same cache, and the last position's state alone.
+  h_last, cache_last = forward_with_cache(params, state, m, x, init_cache(m, 2, 8), 0, kv_pos, kv_seg, kv_seg,
+                                          kv_pos, last_only=True)
+  assert h_last.shape == (2, 1, m.hidden_size)
+  np.testing.assert_allclose(h_last, h[:, -1:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cache_last, cache, rtol=1e-6, atol=1e-6)
 
 
 def test_greedy_with_cache_equals_recompute(setup, greedy_out, reference_logits):

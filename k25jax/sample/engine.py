@@ -52,18 +52,21 @@ Params = Any
 
 # ----------------------------------------------------------------------------------------------- forward
 def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tuple, slot: jax.Array,
-                   positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   positions: jax.Array, mask: jax.Array, last_only: bool = False) -> tuple[jax.Array, jax.Array]:
   """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
   latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
-  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU."""
+  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU. last_only: after writing every position's
+  latents, only the chunk's last position goes through attention and the feed-forward (returns x [B,1,D])."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
   mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
   h = norm("input_layernorm", x)
-  q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
   c, k_rot = mla.apply(attn_vars, h, positions, method=MLA.project_latent)
   new = jnp.concatenate([c, k_rot.astype(c.dtype)], axis=-1).astype(cache.dtype)
   cache = jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(layer) + new.shape), (*layer, 0, slot, 0))
   latent = jax.lax.dynamic_index_in_dim(cache, layer[0], axis=0, keepdims=False) if layer else cache
+  if last_only:
+    x, h, positions, mask = x[:, -1:], h[:, -1:], positions[:, -1:], mask[:, -1:]
+  q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
   o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
                          rope.softmax_scale(m), m.kv_lora_rank)
   o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
@@ -82,27 +85,38 @@ def _model_ffn(m, use_moe: bool, lp: Params, ls: Params, valid: jax.Array, exper
 
 def forward_with_cache(params: Params, moe_state: Params, m: ml_collections.ConfigDict, x: jax.Array,
                        cache: jax.Array, slot: jax.Array | int, positions: jax.Array, q_segment_ids: jax.Array,
-                       kv_segment_ids: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+                       kv_segment_ids: jax.Array, kv_positions: jax.Array, last_only: bool = False
+                       ) -> tuple[jax.Array, jax.Array]:
   """Runs embeddings x [B,L,D] (occupying cache slots [slot, slot+L)) through every layer, absorbed MLA over the
   latent cache (digest §1.1). Returns (final hidden state before the last norm [B,L,D], updated cache).
 
   positions / q_segment_ids [B,L] describe the chunk; kv_segment_ids / kv_positions [B,S] every cache slot
   (`cache.slot_segments_and_positions`). The mask is the model's own `attention_mask`. Layers run as a scan over
-  the stacked parameters (prefill); decode steps use `_decode_step`.
+  the stacked parameters (prefill); decode steps use `_decode_step`. last_only (prefill): the last layer runs
+  attention and its feed-forward for the chunk's last position only, since the other positions' final states
+  feed nothing but their own logits, and the hidden state returned is [B,1,D] (the cache is the same).
   """
   m = freeze(m)
   mask = attention_mask(q_segment_ids, kv_segment_ids, positions, kv_positions)
   valid = q_segment_ids > 0
-  for name, use_moe, offset, count in _stacks(m):
-    def body(carry, xs, use_moe=use_moe):
-      x, cache = carry
-      lp, ls, layer = xs
-      ffn = _model_ffn(m, use_moe, lp, ls, valid)
-      return _decoder_layer(m, ffn, lp, x, cache, (layer,), slot, positions, mask), None
+  stacks = _stacks(m)
+  for i, (name, use_moe, offset, count) in enumerate(stacks):
+    stack = (params[name], moe_state[name] if use_moe else {})
+    layer_at = lambda j, stack=stack: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False),
+                                                   stack)
 
-    state = moe_state[name] if use_moe else {}
-    layers = offset + jnp.arange(count, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params[name], state, layers))
+    def body(carry, j, use_moe=use_moe, layer_at=layer_at, offset=offset):
+      x, cache = carry
+      lp, ls = layer_at(j)
+      ffn = _model_ffn(m, use_moe, lp, ls, valid)
+      return _decoder_layer(m, ffn, lp, x, cache, (offset + j,), slot, positions, mask), None
+
+    split = int(last_only and i == len(stacks) - 1)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(count - split, dtype=jnp.int32))
+    if split:
+      lp, ls = layer_at(count - 1)
+      ffn = _model_ffn(m, use_moe, lp, ls, valid[:, -1:])
+      x, cache = _decoder_layer(m, ffn, lp, x, cache, (offset + count - 1,), slot, positions, mask, last_only=True)
   return x, cache
 
 
@@ -238,9 +252,10 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
   else:
     x = _left_align(input_embeds.astype(dtype_of(m.dtype)), lengths, 0)
   cache = nn.with_logical_constraint(init_cache(m, b, max_len, cache_dtype or None), CACHE_AXES)
-  h, cache = forward_with_cache(params, moe_state, m, x, cache, 0, kv_pos[:, :p], kv_seg[:, :p], kv_seg, kv_pos)
+  h, cache = forward_with_cache(params, moe_state, m, x, cache, 0, kv_pos[:, :p], kv_seg[:, :p], kv_seg, kv_pos,
+                                last_only=True)
   sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-  tok, lp = sample(logits_from_hidden(params, m, h[:, -1:])[:, 0], jax.random.fold_in(rng, 0))
+  tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, 0))
   out_tok = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
   out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
   done = jnp.isin(tok, stop)

@@ -5,6 +5,10 @@ wasted FLOPs (`dense`: every expert on every row) against per-tile loop overhead
 with a few rows per expert, both leave most of the step to the MoE. The kernel groups each device's rows by expert
 and multiplies them in register-blocked chunks, reading each chosen expert's weights once: only the routed FLOPs.
 
+It reads expert weights tile-packed (`pack`: [E, ceil(N / TILE), K, TILE], each column tile one contiguous run),
+which lets the hardware prefetchers stream them: at a decode step's few rows per expert the call is a weight
+stream. Stored [E, K, N] weights are packed at every call; loops pack once (`k25jax.model.moe.prepare_experts`).
+
 It is the `cpu_kernel` MoE dispatch (`k25jax.model.moe`), forward only (generation; training raises), float32.
 Built and registered on first use by `k25jax.kernels.build`.
 """

@@ -355,7 +355,7 @@ def _placed(params: Params, moe_state: Params, m, mesh, rules) -> tuple[Params, 
   return jax.device_put(params, shardings["params"]), jax.device_put(moe_state, shardings.get("moe_state", {}))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DecodeWeights:
   """The weights decode steps read, laid out once (`prepare_decode`) for any number of `generate` calls."""
   arrays: dict                    # `_decode_arrays`

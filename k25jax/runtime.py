@@ -98,9 +98,10 @@ def share_host_replicas(tree):
   import numpy as np  # noqa: PLC0415
 
   def share(a):
-    devices = getattr(a, "sharding", None) and a.sharding.addressable_devices
-    if (not isinstance(a, jax.Array) or len(devices) < 2 or not a.sharding.is_fully_replicated or
-        any(d.platform != "cpu" for d in devices)):
+    if not isinstance(a, jax.Array):
+      return a
+    devices = a.sharding.addressable_devices
+    if len(devices) < 2 or not a.sharding.is_fully_replicated or any(d.platform != "cpu" for d in devices):
       return a
     value = np.asarray(a.addressable_shards[0].data)
     raw = np.empty(value.nbytes + 64, np.uint8)

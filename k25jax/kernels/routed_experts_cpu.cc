@@ -7,7 +7,7 @@
 // Here each expert's rows are gathered and multiplied in register-blocked chunks of up to kRows rows, so a step
 // does only the routed FLOPs and brings each chosen expert's weights from memory once (its later chunks find
 // them in cache). At a decode step's few rows per expert the call streams weights, so they come tile-packed
-// (`routed_experts_cpu.pack`, once per generate call): each pass over a column tile is one contiguous read, which
+// (`routed_experts_cpu.pack`, once per generate call or `prepare_decode`): each pass over a column tile is one contiguous read, which
 // the hardware prefetchers follow (row-major [K, N] weights read 64 of every N columns per row, at about half the
 // bandwidth).
 // Single-threaded: each XLA CPU device runs its own rows (`k25jax.runtime.cpu_device_per_core`).
@@ -45,7 +45,9 @@ void RowsTimes(const float* const* a, const float* W, int64_t K, int64_t N, floa
       Vec w[kVecs];
       for (int c = 0; c < kVecs; ++c) {
         std::memcpy(&w[c], W + k * kTile + c * kLanes, sizeof(Vec));
-        asm("" : "+v"(w[c]));  // keep the loaded row in a register: compilers otherwise reload it for every row
+#if defined(__x86_64__)
+        asm("" : "+v"(w[c]));  // keep the loaded row in a register: GCC otherwise reloads it for every row
+#endif
       }
       for (int r = 0; r < NR; ++r) {
         const float s = a[r][k];

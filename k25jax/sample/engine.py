@@ -149,6 +149,9 @@ def _decode_arrays(params: Params, moe_state: Params, m_step) -> dict:
   return dict(top={k: params[k] for k in _TOP}, layers=layers)
 
 
+_decode_arrays_jit = jax.jit(_decode_arrays, static_argnums=2)
+
+
 def _decode_layers(arrays: dict, m_step, batch: int) -> list[dict]:
   """Each layer's parameters (`_decode_arrays`) with its feed-forward: `MoE` with the dispatch of
   `decode_moe_config` on the prepared expert weights, or `SwiGLU`."""
@@ -203,7 +206,7 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 def first_argmax(logits: jax.Array) -> jax.Array:
   """`jnp.argmax(logits, -1)` (the first maximal index) as a max and a min over indices: XLA:CPU runs argmax's
-  (value, index) pair reduction as a slow variadic reduce, about as long as a `small` decode step's head matmul."""
+  (value, index) pair reduction as a slow variadic reduce."""
   v = logits.shape[-1]
   first = jnp.min(jnp.where(logits == logits.max(-1, keepdims=True), jnp.arange(v, dtype=jnp.int32), v), axis=-1)
   return jnp.minimum(first, v - 1)   # rows of NaN match nothing
@@ -297,7 +300,7 @@ def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
 @functools.lru_cache(maxsize=64)
 def _with_dispatch(m: ml_collections.FrozenConfigDict, name: str, block: int | None = None
                    ) -> ml_collections.FrozenConfigDict:
-  """m with `moe_dispatch` = name (and `moe_block_size` = block); cached: a FrozenConfigDict takes ~1 ms to build."""
+  """m with `moe_dispatch` = name (and `moe_block_size` = block); cached: building a FrozenConfigDict costs about a millisecond."""
   extra = {} if block is None else {"moe_block_size": block}
   return ml_collections.FrozenConfigDict({**m.as_configdict().to_dict(), "moe_dispatch": name, **extra})
 
@@ -359,7 +362,6 @@ def _placed(params: Params, moe_state: Params, m, mesh, rules) -> tuple[Params, 
 class DecodeWeights:
   """The weights decode steps read, laid out once (`prepare_decode`) for any number of `generate` calls."""
   arrays: dict                    # `_decode_arrays`
-  packed: bool                    # expert weights tile-packed for the `cpu_kernel` dispatch
   mesh: jax.sharding.Mesh
   config_key: tuple               # (model config, decode dispatch choice, CPU kernels) they were prepared for
   sources: tuple                  # weak references to the parameter leaves they came from
@@ -393,8 +395,8 @@ def prepare_decode(params: Params, moe_state: Params, config: ml_collections.Con
   placed = _placed(params, moe_state, m, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, 1, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
-    arrays = jax.jit(_decode_arrays, static_argnums=2)(*placed, m_step)
-  return DecodeWeights(share_host_replicas(arrays), m_step.moe_dispatch == "cpu_kernel", mesh, _config_key(m, scfg),
+    arrays = _decode_arrays_jit(*placed, m_step)
+  return DecodeWeights(share_host_replicas(arrays), mesh, _config_key(m, scfg),
                        tuple(weakref.ref(a) for a in jax.tree.leaves((params, moe_state))))
 
 

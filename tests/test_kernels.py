@@ -1,6 +1,8 @@
-"""The XLA:CPU routed-experts kernel (`k25jax.kernels`) against the per-token MoE loop, and its build cache."""
+"""The XLA:CPU kernels (`k25jax.kernels`): routed experts against the per-token MoE loop, absorbed attention
+against XLA's `cache.absorbed_attention`, and their build cache."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,9 @@ import pytest
 
 from k25jax.configs import get_config
 from k25jax import sharding as shd
-from k25jax.kernels import build, routed_experts_cpu
+from k25jax.kernels import absorbed_attention_cpu, build, routed_experts_cpu
 from k25jax.model import moe as moe_lib
+from k25jax.sample import cache
 
 from tests.test_model import _dispatch_problem, _naive_moe
 
@@ -21,9 +24,9 @@ def _problem(seed, t, d, f, e, k):
   return tuple(np.array(a) for a in (x, idx, w, *ws))
 
 
-# Widths that are multiples of the 128- and 64-float tiles, of the 16-float tail tile only, and neither
-# (scalar tail); token counts that give experts 1 to 4 rows (each row-count specialisation) and more than 4
-# (several chunks per expert).
+# Widths that are multiples of the 64-float tile, of the 16-float vector only, and neither (scalar tail); token
+# counts that give experts 1 to 6 rows (each row-count specialisation) and more than 6 (several chunks per
+# expert).
 @pytest.mark.parametrize("t,d,f,e,k", [(16, 256, 128, 16, 4), (5, 48, 40, 4, 3), (1, 64, 16, 8, 2),
                                        (37, 24, 9, 6, 2)])
 def test_kernel_equals_per_token_loop(t, d, f, e, k):
@@ -35,6 +38,17 @@ def test_kernel_equals_per_token_loop(t, d, f, e, k):
   np.testing.assert_allclose(kernel(x, idx, w, wg, wu, wd), want, atol=1e-4, rtol=1e-4)
   packed = [routed_experts_cpu.pack(a) for a in (wg, wu, wd)]
   np.testing.assert_allclose(kernel(x, idx, w, *packed), want, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_silu_holds_at_large_activations():
+  """Gate activations far outside exp's float range (the kernel's vectorised exp clamps its argument)."""
+  x, idx, w, wg, wu, wd = _problem(1, 8, 32, 24, 4, 2)
+  x = x * 400.0
+  with np.errstate(over="ignore"):   # the reference's exp(-g) overflows to inf, and g / inf is the right 0
+    want = _naive_moe(x, idx, w, wg, wu, wd)
+  got = jax.jit(routed_experts_cpu.routed_experts)(x, idx, w, wg, wu, wd)
+  assert np.abs(np.asarray(want)).max() > 1e3
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
 
 
 def test_pack_lays_out_column_tiles_contiguously():
@@ -117,3 +131,65 @@ def test_build_is_cached_by_source_and_names_a_missing_compiler(tmp_path, monkey
   monkeypatch.setenv("CXX", "no-such-compiler")
   with pytest.raises(RuntimeError, match="no-such-compiler"):
     build.compile_library(routed_experts_cpu.SOURCE)
+
+
+def _attention_problem(seed, b, l, h, nope, rope, v, kv_lora, s, p_mask=0.6):
+  """Random absorbed-attention inputs with a random mask; row 0's first query sees no slot."""
+  k = jax.random.split(jax.random.key(seed), 5)
+  q_nope = jax.random.normal(k[0], (b, l, h, nope))
+  q_rot = jax.random.normal(k[1], (b, l, h, rope))
+  latent = jax.random.normal(k[2], (b, s, kv_lora + rope))
+  kv_b = 0.3 * jax.random.normal(k[3], (kv_lora, h * (nope + v)))
+  mask = jax.random.bernoulli(k[4], p_mask, (b, l, s)).at[0, 0].set(False)
+  return q_nope, q_rot, latent, kv_b, mask
+
+
+# The `small` decode shape (latent width 48 = 3 vectors, 4 heads); widths with a partial vector (24, 13), head
+# counts that leave a partial group of 4 (5, 3), slot counts that end in a partial block of 16, several queries.
+@pytest.mark.parametrize("b,l,h,nope,rope,v,kv_lora,s", [(16, 1, 4, 32, 16, 32, 32, 127), (3, 5, 5, 16, 8, 24, 16, 21),
+                                                         (2, 3, 3, 7, 5, 9, 8, 40), (1, 2, 1, 16, 16, 16, 16, 16)])
+def test_attention_kernel_equals_xla(b, l, h, nope, rope, v, kv_lora, s):
+  """Equal to `cache.absorbed_attention` (XLA's ops), including a query whose mask allows no slot (softmax
+  over equal masked logits: the mean of every slot)."""
+  args = _attention_problem(b * 7 + s, b, l, h, nope, rope, v, kv_lora, s)
+  want = cache.absorbed_attention(*args, 0.13, kv_lora)
+  kernel = jax.jit(absorbed_attention_cpu.absorbed_attention, static_argnums=(5, 6))
+  got = kernel(*args, 0.13, kv_lora)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  q_nope, q_rot, latent, kv_b, mask = args
+  mean = cache.absorbed_attention(q_nope[:1, :1], q_rot[:1, :1], latent[:1], kv_b, jnp.ones_like(mask[:1, :1]),
+                                  0.0, kv_lora)
+  np.testing.assert_allclose(got[:1, :1], mean, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, expert=1, tensor=1),
+                                      dict(data=2, fsdp=2, expert=1, tensor=2)], ids=("8x1x1x1", "2x2x1x2"))
+def test_attention_kernel_runs_each_devices_rows_and_heads(mesh_cfg):
+  """`cache.absorbed_attention_kernel` under a mesh (rows over the batch axes, heads over `tensor`) equals XLA's
+  ops on one device, and its program moves no data between devices."""
+  args = _attention_problem(5, 8, 1, 4, 16, 8, 16, 16, 33)
+  want = cache.absorbed_attention(*args, 0.2, 16)
+  c = get_config("tiny")
+  c.mesh.update(**mesh_cfg)
+  mesh = shd.make_mesh(c)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
+  fn = jax.jit(lambda *a: cache.absorbed_attention_kernel(*a, 0.2, 16))
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(a, rows) for a in args[:3]] + [args[3], jax.device_put(args[4], rows)]
+    got = fn(*placed)
+    hlo = fn.lower(*placed).compile().as_text()
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert not re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", hlo)
+
+
+def test_attention_kernel_names_bad_inputs():
+  q_nope, q_rot, latent, kv_b, mask = _attention_problem(0, 2, 1, 2, 8, 4, 8, 8, 10)
+  kernel = jax.jit(absorbed_attention_cpu.absorbed_attention, static_argnums=(5, 6))
+  with pytest.raises(Exception, match=r"latent \[B, S, kv_lora \+ rope\]"):
+    kernel(q_nope, q_rot, latent[..., :-1], kv_b, mask, 0.1, 8)
+  with pytest.raises(ValueError, match="kv_b_kernel has 8 rows; expected kv_lora=4"):
+    kernel(q_nope, q_rot, latent, kv_b, mask, 0.1, 4)
+  with pytest.raises(TypeError, match="computes in float32; q_nope is bfloat16"):
+    kernel(q_nope.astype(jnp.bfloat16), q_rot, latent, kv_b, mask, 0.1, 8)
+  with pytest.raises(NotImplementedError, match="forward-only"):
+    jax.grad(lambda q: kernel(q, q_rot, latent, kv_b, mask, 0.1, 8).sum())(q_nope)

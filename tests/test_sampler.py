@@ -251,7 +251,8 @@ def test_cache_is_split_over_the_batch_axes():
 def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
   """On a data-parallel mesh each device decodes its own rows: the compiled program (prefill + decode loop) has
   no all-gather (the router's top-k and the per-layer cache slices once gathered the batch every step) and one
-  all-reduce, the loop's all-rows-done check; also on decode weights prepared beforehand (`prepare_decode`)."""
+  all-reduce, the loop's all-rows-done check; also on decode weights prepared beforehand (`prepare_decode`) and
+  with the attention kernel."""
   config, _, _, params, state = setup
   cfg = get_config("tiny")
   cfg.mesh.update(data=2)
@@ -262,9 +263,10 @@ def test_decode_program_needs_no_gathers_on_a_data_parallel_mesh(setup):
   inputs = (jax.device_put(np.ones((4, 8), np.int32), batch_sharding(mesh, 2)),
             jax.device_put(np.full((4,), 8, np.int32), batch_sharding(mesh, 1)), None, jax.random.key(0),
             jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.bool_(True), jnp.full((8,), -1, jnp.int32))
-  for decode in (None, engine.prepare_decode(*placed, cfg, mesh).arrays):
+  prepared = engine.prepare_decode(*placed, cfg, mesh).arrays
+  for decode, attention_kernel in ((None, False), (prepared, False), (prepared, True)):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0)
+      fn = engine._compiled(m, engine.decode_moe_config(m, 4), 4, "", 0, attention_kernel)
       hlo = fn.lower(*placed, decode, *inputs).compile().as_text()
     ops = re.findall(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
                      hlo)

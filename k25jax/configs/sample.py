@@ -7,8 +7,9 @@ Every field has a default here; a config without a `sample` group uses them.
   cache_dtype        dtype of the MLA latent cache; "" means the model's compute dtype (`model.dtype`)
   decode_moe_dispatch  MoE dispatch of the decode steps: "auto" (`k25jax.sample.engine.decode_moe_config`:
                      the routed-experts kernel on CPU in float32) or a `model.moe_dispatch` name to force one
-  cpu_kernels        "auto" may pick the XLA:CPU routed-experts kernel (`k25jax.kernels`) for decode steps on
-                     CPU in float32; False keeps XLA's own dispatches
+  cpu_kernels        decode steps on CPU in float32 use the XLA:CPU kernels of `k25jax.kernels`: absorbed
+                     attention over the latent cache, and the routed-experts kernel where decode_moe_dispatch is
+                     "auto"; False keeps XLA's own ops
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ def cache_dir() -> Path:
 
 
 def compile_library(source: Path) -> Path:
-  """Compiles `source` once per (source text, jaxlib, CPU, compiler, flags); returns the shared library's path."""
+  """Compiles `source` once per (source text, the headers beside it, jaxlib, CPU, compiler, flags); returns the
+  shared library's path."""
   compiler = os.environ.get("CXX", "g++")
-  key = hashlib.sha256("\0".join([source.read_text(), jaxlib.__version__, _cpu_signature(), compiler,
+  headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+  key = hashlib.sha256("\0".join([source.read_text(), *headers, jaxlib.__version__, _cpu_signature(), compiler,
                                   *FLAGS]).encode()).hexdigest()[:16]
   out = cache_dir() / f"{source.stem}-{key}.so"
   if out.exists():
@@ -52,7 +54,7 @@ def compile_library(source: Path) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
-  cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
+  cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), "-I", str(source.parent), str(source), "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode != 0:
     os.unlink(tmp)

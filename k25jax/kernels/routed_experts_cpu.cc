@@ -15,23 +15,26 @@
 // wd [E, ceil(D / kTile), F, kTile] -> y [T, D].
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64), aligned(4)));  // 16 lanes; two 256-bit halves without AVX-512
-constexpr int kLanes = 16;
+using k25jax::Exp;
+using k25jax::kLanes;
+using k25jax::Load;
+using k25jax::Store;
+using k25jax::Vec;
 constexpr int kVecs = 4;                 // vectors per column tile
 constexpr int kTile = kVecs * kLanes;    // columns per tile (`TILE` in routed_experts_cpu.py)
-constexpr int kRows = 4;                 // rows per chunk: kRows x kVecs accumulators stay in registers
+constexpr int kRows = 6;                 // rows per chunk: kRows x kVecs accumulators stay in registers
 
 // out[r][:] = a[r][:] W for r < NR, a [NR, K] (row pointers), W tile-packed [ceil(N / kTile), K, kTile]: tile j
 // holds columns [j * kTile, (j + 1) * kTile) row after row (zero past N), so each tile is one contiguous read.
@@ -63,6 +66,8 @@ int64_t Tiles(int64_t n) { return (n + kTile - 1) / kTile; }
 
 void Rows(int nr, const float* const* a, const float* W, int64_t K, int64_t N, float* const* out) {
   switch (nr) {
+    case 6: return RowsTimes<6>(a, W, K, N, out);
+    case 5: return RowsTimes<5>(a, W, K, N, out);
     case 4: return RowsTimes<4>(a, W, K, N, out);
     case 3: return RowsTimes<3>(a, W, K, N, out);
     case 2: return RowsTimes<2>(a, W, K, N, out);
@@ -110,9 +115,9 @@ int64_t RoutedExpertsCore(const float* xp, const int32_t* ip, const float* wp, c
       Rows(nr, xr, we_u, D, F, ur);
       for (int r = 0; r < nr; ++r) {  // h = silu(g) * u, scaled by the routing weight (Wd is linear)
         const float scale = weight[s + r];
-        for (int64_t f = 0; f < F; ++f) {
-          const float a = gr[r][f];
-          gr[r][f] = scale * (a / (1.f + std::exp(-a))) * ur[r][f];
+        for (int64_t f = 0; f < F; f += kLanes) {
+          const Vec a = Load(gr[r] + f, F - f);
+          Store(gr[r] + f, scale * (a / (1.f + Exp(-a))) * Load(ur[r] + f, F - f), F - f);
         }
       }
       Rows(nr, gr, we_d, F, D, orow);

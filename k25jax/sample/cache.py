@@ -27,11 +27,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from k25jax.kernels import absorbed_attention_cpu
 from k25jax.model.layers import dtype_of
 from k25jax.model.mla import NEG_INF
-from k25jax.sharding import logical_sharding
+from k25jax.sharding import BATCH_AXES, logical_sharding
 
 CACHE_AXES = ("layers", "batch", "length", "act_kv_lora")
 
@@ -89,3 +90,18 @@ def absorbed_attention(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, k
   probs = jax.nn.softmax(jnp.where(keep, logits, NEG_INF), axis=-1)
   o_lat = jnp.einsum("bms,bsw->bmw", probs.astype(rows.dtype), rows)[..., :kv_lora].reshape(b, l, h, kv_lora)
   return jnp.einsum("blhc,chv->blhv", o_lat, w_uv)
+
+
+def absorbed_attention_kernel(q_nope: jax.Array, q_rot: jax.Array, latent: jax.Array, kv_b_kernel: jax.Array,
+                              mask: jax.Array, scale: float, kv_lora: int) -> jax.Array:
+  """`absorbed_attention` through the XLA:CPU kernel (`k25jax.kernels.absorbed_attention_cpu`; float32,
+  forward only), each device on its own rows and heads: `jax.shard_map` with the batch over the batch axes and the
+  heads (and kv_b_proj's per-head columns) over `tensor`. Without a context mesh, or on one device, the kernel
+  itself."""
+  kernel = lambda *a: absorbed_attention_cpu.absorbed_attention(*a, scale, kv_lora)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q_nope, q_rot, latent, kv_b_kernel, mask)
+  heads, rows = P(BATCH_AXES, None, "tensor", None), P(BATCH_AXES, None, None)
+  return jax.shard_map(kernel, in_specs=(heads, heads, rows, P(None, "tensor"), rows), out_specs=heads,
+                       check_vma=False)(q_nope, q_rot, latent, kv_b_kernel, mask)

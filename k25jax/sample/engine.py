@@ -8,7 +8,8 @@ Only attention differs from the training forward: it runs in DeepSeek-V3's absor
 stacks. Decode steps run inside one `lax.while_loop` with the layers unrolled over per-layer weights and one
 latent cache per layer, sliced once before the loop (no per-step weight or cache copies); their MoE dispatch is
 chosen for a step's few rows (`decode_moe_config`; on CPU in float32 the routed-experts kernel,
-`k25jax.kernels.routed_experts_cpu`, whose tile-packed expert weights are prepared once, before the loop).
+`k25jax.kernels.routed_experts_cpu`, whose tile-packed expert weights are prepared once, before the loop), and
+on CPU in float32 their attention runs as one kernel per layer (`k25jax.kernels.absorbed_attention_cpu`).
 `prepare_decode` does that layout once for many calls (RL rollouts, evaluation sweeps, the benchmark), and on a
 host's CPU devices gives every device the same buffer of each weight instead of a copy each.
 
@@ -37,13 +38,14 @@ from jax.experimental import multihost_utils
 
 from k25jax.configs import sample as sample_cfg
 from k25jax.configs.validate import validate
-from k25jax.kernels import build, routed_experts_cpu
+from k25jax.kernels import absorbed_attention_cpu, build, routed_experts_cpu
 from k25jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from k25jax.model.lm import K2LM, freeze
 from k25jax.model.mla import MLA, attention_mask
 from k25jax.model.moe import MoE, prepare_experts, resolve_dispatch
 from k25jax.model import rope
-from k25jax.sample.cache import CACHE_AXES, absorbed_attention, init_cache, slot_segments_and_positions
+from k25jax.sample.cache import (CACHE_AXES, absorbed_attention, absorbed_attention_kernel, init_cache,
+                                slot_segments_and_positions)
 from k25jax.runtime import share_host_replicas
 from k25jax.sharding import BATCH_AXES, batch_sharding, get_rules, make_mesh, tree_shardings
 
@@ -52,11 +54,13 @@ Params = Any
 
 # ----------------------------------------------------------------------------------------------- forward
 def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tuple, slot: jax.Array,
-                   positions: jax.Array, mask: jax.Array, last_only: bool = False) -> tuple[jax.Array, jax.Array]:
+                   positions: jax.Array, mask: jax.Array, last_only: bool = False,
+                   attention=absorbed_attention) -> tuple[jax.Array, jax.Array]:
   """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
   latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
   [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU. last_only: after writing every position's
-  latents, only the chunk's last position goes through attention and the feed-forward (returns x [B,1,D])."""
+  latents, only the chunk's last position goes through attention and the feed-forward (returns x [B,1,D]).
+  attention: `cache.absorbed_attention` or its CPU kernel (`cache.absorbed_attention_kernel`)."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
   mla, attn_vars = MLA(m), {"params": lp["self_attn"]}
   h = norm("input_layernorm", x)
@@ -67,8 +71,8 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
   if last_only:
     x, h, positions, mask = x[:, -1:], h[:, -1:], positions[:, -1:], mask[:, -1:]
   q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
-  o = absorbed_attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask,
-                         rope.softmax_scale(m), m.kv_lora_rank)
+  o = attention(q_nope, q_rot, latent, lp["self_attn"]["kv_b_proj"]["kernel"], mask, rope.softmax_scale(m),
+                m.kv_lora_rank)
   o = o.reshape(*x.shape[:2], -1).astype(dtype_of(m.dtype))
   x = x + mla.apply(attn_vars, o, method=lambda mod, y: mod.o_proj(y))
   y = ffn(norm("post_attention_layernorm", x))
@@ -161,12 +165,14 @@ def _decode_layers(arrays: dict, m_step, batch: int) -> list[dict]:
 
 
 def _decode_step(layers: list[dict], m_step, x: jax.Array, caches: list[jax.Array], slot: jax.Array,
-                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+                 positions: jax.Array, mask: jax.Array, attention=absorbed_attention
+                 ) -> tuple[jax.Array, list[jax.Array]]:
   """One decode step through every layer, unrolled over `_decode_layers` with one latent cache [B,S,W] per
   layer (updated in place at `slot`). Returns (hidden state before the last norm, caches)."""
   out = []
   for layer, cache in zip(layers, caches):
-    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask)
+    x, cache = _decoder_layer(m_step, layer["ffn"], layer["lp"], x, cache, (), slot, positions, mask,
+                              attention=attention)
     out.append(cache)
   return x, out
 
@@ -242,10 +248,10 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
 
 
 def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
-             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int):
-  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`) on the decode weights
-  `decode` (`_decode_arrays`; None: sliced here). tokens [B,P] right-padded, lengths [B] -> (tokens, logprobs,
-  lengths)."""
+             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int, attention_kernel: bool):
+  """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`; attention through the CPU
+  kernel when `attention_kernel`) on the decode weights `decode` (`_decode_arrays`; None: sliced here). tokens
+  [B,P] right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
   lengths = lengths.astype(jnp.int32)
@@ -277,7 +283,7 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
     q_pos = (lengths + step - 1)[:, None]
     mask = attention_mask(jnp.ones_like(q_pos), kv_seg, q_pos, kv_pos)
     h, caches = _decode_step(layers, m_step, embed(decode["top"], m, last[:, None]), caches, p + step - 1, q_pos,
-                             mask)
+                             mask, absorbed_attention_kernel if attention_kernel else absorbed_attention)
     tok, lp = sample(logits_from_hidden(decode["top"], m, h)[:, 0], jax.random.fold_in(rng, step))
     tok, lp = jnp.where(done, pad_id, tok), jnp.where(done, 0.0, lp)
     out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, tok, step, axis=1)
@@ -291,10 +297,10 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
 
 
 def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
-  """Whether the XLA:CPU routed-experts kernel can serve decode steps: on the CPU backend, in float32, once it
-  builds here (`k25jax.kernels.build`)."""
+  """Whether the XLA:CPU kernels (routed experts, absorbed attention) can serve decode steps: on the CPU
+  backend, in float32, once they build here (`k25jax.kernels.build`)."""
   return (jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and
-          build.available(routed_experts_cpu.register))
+          build.available(routed_experts_cpu.register, absorbed_attention_cpu.register))
 
 
 @functools.lru_cache(maxsize=64)
@@ -336,11 +342,11 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int, choice: st
 
 @functools.lru_cache(maxsize=64)
 def _compiled(m: ml_collections.FrozenConfigDict, m_step: ml_collections.FrozenConfigDict, max_new: int,
-              cache_dtype: str, pad_id: int):
-  """The jitted program for one model config, decode-step config and max_new_tokens (jit then caches per input
-  shape)."""
+              cache_dtype: str, pad_id: int, attention_kernel: bool = False):
+  """The jitted program for one model config, decode-step config, max_new_tokens and decode attention (jit then
+  caches per input shape)."""
   return jax.jit(functools.partial(_program, m=m, m_step=m_step, max_new=max_new, cache_dtype=cache_dtype,
-                                   pad_id=pad_id))
+                                   pad_id=pad_id, attention_kernel=attention_kernel))
 
 
 @functools.lru_cache(maxsize=16)
@@ -501,7 +507,9 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
   params, moe_state = _placed(params, moe_state, m, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
-    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id))
+    attention_kernel = (bool(scfg.cpu_kernels) and cpu_kernels(m) and
+                        dtype_of(scfg.cache_dtype or m.dtype) == jnp.float32)
+    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id), attention_kernel)
     out_tok, out_lp, n_gen = fn(
         params, moe_state, decode_weights and decode_weights.arrays, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, np.float32(temperature),

@@ -140,6 +140,13 @@ def test_stop_tokens_end_sequences(setup, greedy_out):
     assert out["tokens"][i, :n].tolist() == full[:n]
     assert np.all(out["tokens"][i, n:] == 0) and np.all(out["logprobs"][i, n:] == 0)
   assert out["lengths"][0] == 3
+  # Checking for all-stopped rows after every step (not every 8th, the default) changes nothing but the steps run.
+  every_step = config.copy_and_resolve_references()
+  every_step.sample = ml_collections.ConfigDict(dict(done_check_every=1))
+  again = generate(params, state, every_step, PROMPTS, max_new_tokens=MAX_NEW, rng=jax.random.key(0), greedy=True,
+                   stop_tokens=(stop,), mesh=mesh)
+  for key in out:
+    np.testing.assert_array_equal(again[key], out[key])
 
 
 def test_top_k_one_equals_greedy_and_sampling_is_reproducible(setup, greedy_out):
@@ -345,5 +352,9 @@ def test_bad_inputs_raise_clear_errors(setup):
   bad.sample = sample_config()
   bad.sample.decode_moe_dispatch = "sparse"
   with pytest.raises(ConfigError, match="sample.decode_moe_dispatch='sparse'"):
+    generate(params, state, bad, [[1, 2]], **kw)
+  bad.sample = sample_config()
+  bad.sample.done_check_every = 0
+  with pytest.raises(ConfigError, match="sample.done_check_every=0 must be >= 1"):
     generate(params, state, bad, [[1, 2]], **kw)
   assert engine.bucket_length(17, 16) == 32 and engine.bucket_length(3, 16) == 16

@@ -10,6 +10,9 @@ Every field has a default here; a config without a `sample` group uses them.
   cpu_kernels        decode steps on CPU in float32 use the XLA:CPU kernels of `k25jax.kernels`: absorbed
                      attention over the latent cache, and the routed-experts kernel where decode_moe_dispatch is
                      "auto"; False keeps XLA's own ops
+  done_check_every   decode steps between checks that every row has stopped: the check reduces over devices and
+                     makes them wait for each other, so it runs once per this many steps; after every row stops
+                     at most this many - 1 further steps run (they only write padding)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from k25jax.configs.validate import DISPATCHES, DTYPES, ConfigError
 
 def sample_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(min_prompt_bucket=16, pad_id=0, cache_dtype="", decode_moe_dispatch="auto",
-                                        cpu_kernels=True))
+                                        cpu_kernels=True, done_check_every=8))
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -33,6 +36,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if unknown:
       raise ConfigError(f"config.sample has unknown fields {sorted(unknown)}; known: {sorted(s.keys())}")
     s.update(given)
+  if int(s.done_check_every) < 1:
+    raise ConfigError(f"sample.done_check_every={s.done_check_every} must be >= 1 (1 checks after every step)")
   if int(s.min_prompt_bucket) < 1:
     raise ConfigError(f"sample.min_prompt_bucket={s.min_prompt_bucket} must be >= 1")
   if not 0 <= int(s.pad_id) < int(config.model.vocab_size):

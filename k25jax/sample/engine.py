@@ -248,9 +248,11 @@ def _left_align(x: jax.Array, lengths: jax.Array, fill) -> jax.Array:
 
 
 def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temperature, top_k, top_p, greedy, stop,
-             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int, attention_kernel: bool):
+             *, m, m_step, max_new: int, cache_dtype: str, pad_id: int, attention_kernel: bool,
+             done_check_every: int):
   """Prefill (config m) + `lax.while_loop` decode (config m_step, `decode_moe_config`; attention through the CPU
-  kernel when `attention_kernel`) on the decode weights `decode` (`_decode_arrays`; None: sliced here). tokens
+  kernel when `attention_kernel`) on the decode weights `decode` (`_decode_arrays`; None: sliced here), checking
+  whether every row has stopped once per `done_check_every` steps (the check reduces over devices). tokens
   [B,P] right-padded, lengths [B] -> (tokens, logprobs, lengths)."""
   b, p = tokens.shape
   max_len = p + max_new - 1
@@ -291,8 +293,12 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
     n_gen = n_gen + (~done).astype(jnp.int32)
     return step + 1, caches, tok, out_tok, out_lp, done | jnp.isin(tok, stop), n_gen
 
+  def steps(carry):  # up to `done_check_every` steps between all-rows-done checks
+    limit = carry[0] + done_check_every
+    return jax.lax.while_loop(lambda c: (c[0] < max_new) & (c[0] < limit), body, carry)
+
   carry = (jnp.int32(1), caches, tok, out_tok, out_lp, done, n_gen)
-  _, _, _, out_tok, out_lp, _, n_gen = jax.lax.while_loop(cond, body, carry)
+  _, _, _, out_tok, out_lp, _, n_gen = jax.lax.while_loop(cond, body if done_check_every == 1 else steps, carry)
   return out_tok, out_lp, n_gen
 
 
@@ -342,11 +348,12 @@ def decode_moe_config(m: ml_collections.FrozenConfigDict, batch: int, choice: st
 
 @functools.lru_cache(maxsize=64)
 def _compiled(m: ml_collections.FrozenConfigDict, m_step: ml_collections.FrozenConfigDict, max_new: int,
-              cache_dtype: str, pad_id: int, attention_kernel: bool = False):
-  """The jitted program for one model config, decode-step config, max_new_tokens and decode attention (jit then
-  caches per input shape)."""
+              cache_dtype: str, pad_id: int, attention_kernel: bool = False, done_check_every: int = 1):
+  """The jitted program for one model config, decode-step config, max_new_tokens, decode attention and done-check
+  interval (jit then caches per input shape)."""
   return jax.jit(functools.partial(_program, m=m, m_step=m_step, max_new=max_new, cache_dtype=cache_dtype,
-                                   pad_id=pad_id, attention_kernel=attention_kernel))
+                                   pad_id=pad_id, attention_kernel=attention_kernel,
+                                   done_check_every=done_check_every))
 
 
 @functools.lru_cache(maxsize=16)
@@ -509,7 +516,8 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
     m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
     attention_kernel = (bool(scfg.cpu_kernels) and cpu_kernels(m) and
                         dtype_of(scfg.cache_dtype or m.dtype) == jnp.float32)
-    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id), attention_kernel)
+    fn = _compiled(m, m_step, int(max_new_tokens), scfg.cache_dtype, int(scfg.pad_id), attention_kernel,
+                   int(scfg.done_check_every))
     out_tok, out_lp, n_gen = fn(
         params, moe_state, decode_weights and decode_weights.arrays, jax.device_put(tok_pad, batch_sharding(mesh, 2)),
         jax.device_put(len_pad, batch_sharding(mesh, 1)), embeds, rng, np.float32(temperature),

@@ -74,21 +74,75 @@ void CombineGroup(const float* a, int64_t K, Row row, int64_t off, int64_t n, fl
 }
 
 // part[g][i] = lane products of q[g] (rows of width W) and latent row slots[i] for i < m (zero for i >= m):
-// G heads at once, so each cached row is loaded once for them and their FMAs run side by side.
-template <int G>
+// G heads at once, so each cached row is loaded once for them and their FMAs run side by side. CW > 0: W spans
+// CW vectors, and the queries stay in registers across the block.
+template <int G, int CW>
 void ScoreProducts(const float* q, int64_t W, const float* rows, const int64_t* slots, int64_t m,
                    Vec (*part)[kLanes]) {
+  Vec qv[G][CW > 0 ? CW : 1];
+  if constexpr (CW > 0)
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CW; ++c) qv[g][c] = Load(q + g * W + c * kLanes, W - c * kLanes);
   for (int64_t i = 0; i < kLanes; ++i) {
     Vec acc[G];
     for (int g = 0; g < G; ++g) acc[g] = Vec{};
     if (i < m) {
       const float* row = rows + slots[i] * W;
-      for (int64_t c = 0; c < W; c += kLanes) {
-        const Vec r = Load(row + c, W - c);
-        for (int g = 0; g < G; ++g) acc[g] += Load(q + g * W + c, W - c) * r;
+      if constexpr (CW > 0) {
+        for (int c = 0; c < CW; ++c) {
+          const Vec r = Load(row + c * kLanes, W - c * kLanes);
+          for (int g = 0; g < G; ++g) acc[g] += qv[g][c] * r;
+        }
+      } else {
+        for (int64_t c = 0; c < W; c += kLanes) {
+          const Vec r = Load(row + c, W - c);
+          for (int g = 0; g < G; ++g) acc[g] += Load(q + g * W + c, W - c) * r;
+        }
       }
     }
     for (int g = 0; g < G; ++g) part[g][i] = acc[g];
+  }
+}
+
+template <int G>
+void ScoreProductsAnyWidth(const float* q, int64_t W, const float* rows, const int64_t* slots, int64_t m,
+                           Vec (*part)[kLanes]) {
+  switch ((W + kLanes - 1) / kLanes) {
+    case 1: return ScoreProducts<G, 1>(q, W, rows, slots, m, part);
+    case 2: return ScoreProducts<G, 2>(q, W, rows, slots, m, part);
+    case 3: return ScoreProducts<G, 3>(q, W, rows, slots, m, part);
+    case 4: return ScoreProducts<G, 4>(q, W, rows, slots, m, part);
+    default: return ScoreProducts<G, 0>(q, W, rows, slots, m, part);
+  }
+}
+
+// o[g][off:off + CV * 16] = sum_j p[g][j] * latent row slots[j] [off:...] (clipped to `width`) for G heads (p
+// rows S apart, o rows ldo apart): each cached row is loaded once for the G heads.
+template <int G, int CV>
+void WeightedRows(const float* p, int64_t S, const float* rows, int64_t W, const int64_t* slots, int64_t n,
+                  int64_t off, int64_t width, float* o, int64_t ldo) {
+  Vec acc[G][CV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CV; ++c) acc[g][c] = Vec{};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* r = rows + slots[j] * W + off;
+    Vec x[CV];
+    for (int c = 0; c < CV; ++c) x[c] = Load(r + c * kLanes, width - off - c * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float pj = p[g * S + j];
+      for (int c = 0; c < CV; ++c) acc[g][c] += pj * x[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CV; ++c) Store(o + g * ldo + off + c * kLanes, acc[g][c], width - off - c * kLanes);
+}
+
+template <int G>
+void WeightedRowsAll(const float* p, int64_t S, const float* rows, int64_t W, const int64_t* slots, int64_t n,
+                     int64_t width, float* o, int64_t ldo) {
+  for (int64_t off = 0; off < width; off += 2 * kLanes) {
+    if (width - off > kLanes) WeightedRows<G, 2>(p, S, rows, W, slots, n, off, width, o, ldo);
+    else WeightedRows<G, 1>(p, S, rows, W, slots, n, off, width, o, ldo);
   }
 }
 
@@ -165,21 +219,28 @@ void AbsorbedAttentionCore(const float* q_nope, const float* q_rot, const float*
           const int64_t g = std::min<int64_t>(kGroup, H - h0), live = none ? 0 : m;
           const float* qg = q.data() + h0 * W;
           switch (g) {
-            case 4: ScoreProducts<4>(qg, W, rows, slots.data() + j0, live, part); break;
-            case 3: ScoreProducts<3>(qg, W, rows, slots.data() + j0, live, part); break;
-            case 2: ScoreProducts<2>(qg, W, rows, slots.data() + j0, live, part); break;
-            default: ScoreProducts<1>(qg, W, rows, slots.data() + j0, live, part);
+            case 4: ScoreProductsAnyWidth<4>(qg, W, rows, slots.data() + j0, live, part); break;
+            case 3: ScoreProductsAnyWidth<3>(qg, W, rows, slots.data() + j0, live, part); break;
+            case 2: ScoreProductsAnyWidth<2>(qg, W, rows, slots.data() + j0, live, part); break;
+            default: ScoreProductsAnyWidth<1>(qg, W, rows, slots.data() + j0, live, part);
           }
           for (int64_t k = 0; k < g; ++k) Store(p.data() + (h0 + k) * S + j0, SumEach(part[k]) * scale, m);
         }
       }
-      for (int64_t h = 0; h < H; ++h) {
-        float* ph = p.data() + h * S;
-        Softmax(ph, n);
-        Combine(ph, n, [&](int64_t j) { return rows + slots[j] * W; }, kv_lora, o.data() + h * kv_lora);
+      for (int64_t h = 0; h < H; ++h) Softmax(p.data() + h * S, n);
+      for (int64_t h0 = 0; h0 < H; h0 += kGroup) {  // o[h] = sum_s p[h, s] c[s]
+        const float* pg = p.data() + h0 * S;
+        float* og = o.data() + h0 * kv_lora;
+        switch (std::min<int64_t>(kGroup, H - h0)) {
+          case 4: WeightedRowsAll<4>(pg, S, rows, W, slots.data(), n, kv_lora, og, kv_lora); break;
+          case 3: WeightedRowsAll<3>(pg, S, rows, W, slots.data(), n, kv_lora, og, kv_lora); break;
+          case 2: WeightedRowsAll<2>(pg, S, rows, W, slots.data(), n, kv_lora, og, kv_lora); break;
+          default: WeightedRowsAll<1>(pg, S, rows, W, slots.data(), n, kv_lora, og, kv_lora);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h)  // out[h] = o[h] W_uv[h]
         Combine(o.data() + h * kv_lora, kv_lora, [&](int64_t c) { return kv_b + c * ld + h * hw + nope; }, v,
                 out + (bl * H + h) * v);
-      }
     }
   }
 }

@@ -48,9 +48,7 @@ void RowsTimes(const float* const* a, const float* W, int64_t K, int64_t N, floa
       Vec w[kVecs];
       for (int c = 0; c < kVecs; ++c) {
         std::memcpy(&w[c], W + k * kTile + c * kLanes, sizeof(Vec));
-#if defined(__x86_64__)
         asm("" : "+v"(w[c]));  // keep the loaded row in a register: GCC otherwise reloads it for every row
-#endif
       }
       for (int r = 0; r < NR; ++r) {
         const float s = a[r][k];

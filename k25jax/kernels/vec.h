@@ -1,10 +1,17 @@
 // 16-lane float vectors (GCC / Clang vector extensions) shared by the CPU kernels of `k25jax.kernels`: one
-// AVX-512 register, or two 256-bit halves without AVX-512.
+// AVX-512 register each. The kernels' register blocking is written for AVX-512's 32 such registers; on hosts
+// without it the build stops here and generation uses XLA's ops (`k25jax.kernels.build.available`).
 #pragma once
+
+#if !defined(__AVX512F__)
+#error "k25jax's CPU kernels need AVX-512 (x86-64); this host's compiler target lacks it"
+#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include <immintrin.h>
 
 namespace k25jax {
 
@@ -27,18 +34,22 @@ inline Vec Exp(Vec x) {
   return (p * r * r + r + 1.f) * (Vec)bits;  // a vector cast keeps the bits
 }
 
-// The first min(n, 16) floats at p, zero past them (never reads beyond p + n).
+// The first min(n, 16) floats at p (n >= 1), zero past them; never reads beyond p + n. Partial vectors use a
+// masked load: a variable-length memcpy would be a library call, around which the compiler spills every vector
+// register of the loop.
 inline Vec Load(const float* p, int64_t n = kLanes) {
-  Vec v{};
-  if (n >= kLanes) std::memcpy(&v, p, sizeof(Vec));
-  else std::memcpy(&v, p, sizeof(float) * n);
-  return v;
+  if (n >= kLanes) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+  }
+  return (Vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
 }
 
-// Stores the first min(n, 16) lanes of v at p.
+// Stores the first min(n, 16) lanes of v at p (n >= 1).
 inline void Store(float* p, Vec v, int64_t n = kLanes) {
   if (n >= kLanes) std::memcpy(p, &v, sizeof(Vec));
-  else std::memcpy(p, &v, sizeof(float) * n);
+  else _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
 }
 
 }  // namespace k25jax

@@ -525,3 +525,14 @@ def test_attend_vjp_equals_plain_softmax_autodiff(dtype, tol):
   np.testing.assert_allclose(got_out, want_out, rtol=tol, atol=tol)
   for got, want in zip(got_grads, want_grads):
     np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+
+def test_freeze_gives_equal_configs_one_object():
+  """`freeze` memoises by value: an equal config (another ConfigDict) gives the same FrozenConfigDict, which
+  equals a fresh freeze; a changed field gives another one."""
+  import ml_collections
+  a, b = get_config("tiny").model, get_config("tiny").model
+  assert freeze(a) is freeze(b) and freeze(a) == ml_collections.FrozenConfigDict(b)
+  b.num_hidden_layers = 2
+  assert freeze(b) is not freeze(a) and freeze(b).num_hidden_layers == 2
+  assert freeze(freeze(a)) is freeze(a)

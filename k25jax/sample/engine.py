@@ -376,8 +376,9 @@ class DecodeWeights:
   """The weights decode steps read, laid out once (`prepare_decode`) for any number of `generate` calls."""
   arrays: dict                    # `_decode_arrays`
   mesh: jax.sharding.Mesh
-  config_key: tuple               # (model config, decode dispatch choice, CPU kernels) they were prepared for
+  config_key: tuple               # (model config, decode dispatch choice, CPU kernels, rules) prepared for
   sources: tuple                  # weak references to the parameter leaves they came from
+  placed: bool                    # those leaves already lay on the mesh as generate places them
 
   def check(self, params: Params, moe_state: Params, config_key: tuple, mesh) -> None:
     """Raises ValueError when these weights do not belong to this generate call's parameters, config or mesh."""
@@ -390,8 +391,8 @@ class DecodeWeights:
                        "config and mesh given to generate")
 
 
-def _config_key(m: ml_collections.FrozenConfigDict, scfg) -> tuple:
-  return m, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels)
+def _config_key(m: ml_collections.FrozenConfigDict, scfg, rules) -> tuple:
+  return m, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels), rules
 
 
 def prepare_decode(params: Params, moe_state: Params, config: ml_collections.ConfigDict,
@@ -409,8 +410,10 @@ def prepare_decode(params: Params, moe_state: Params, config: ml_collections.Con
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, 1, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
     arrays = _decode_arrays_jit(*placed, m_step)
-  return DecodeWeights(share_host_replicas(arrays), mesh, _config_key(m, scfg),
-                       tuple(weakref.ref(a) for a in jax.tree.leaves((params, moe_state))))
+  leaves = jax.tree.leaves((params, moe_state))
+  return DecodeWeights(share_host_replicas(arrays), mesh, _config_key(m, scfg, rules),
+                       tuple(weakref.ref(a) for a in leaves),
+                       all(a is b for a, b in zip(jax.tree.leaves(placed), leaves)))
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -510,8 +513,9 @@ def generate(params: Params, moe_state: Params, config: ml_collections.ConfigDic
     embeds = jax.device_put(embeds, batch_sharding(mesh, 3))
 
   if decode_weights is not None:
-    decode_weights.check(params, moe_state, _config_key(m, scfg), mesh)
-  params, moe_state = _placed(params, moe_state, m, mesh, rules)
+    decode_weights.check(params, moe_state, _config_key(m, scfg, rules), mesh)
+  if decode_weights is None or not decode_weights.placed:
+    params, moe_state = _placed(params, moe_state, m, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     m_step = decode_moe_config(m, rows, scfg.decode_moe_dispatch, bool(scfg.cpu_kernels))
     attention_kernel = (bool(scfg.cpu_kernels) and cpu_kernels(m) and

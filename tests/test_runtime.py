@@ -2,8 +2,10 @@
 
 import ctypes.util
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from k25jax import runtime
 
@@ -93,3 +95,23 @@ def test_share_host_replicas_aliases_one_buffer_on_every_cpu_device():
   np.testing.assert_array_equal(np.asarray(shared), value)
   np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a * 2)(shared)), value * 2)
   assert same_split is split and same_single is single
+  # The shared buffers lie in one private anonymous mapping advised for transparent huge pages (VmFlags `hg`).
+  if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+    mapping = _smaps_entry(shared.addressable_shards[0].data.unsafe_buffer_pointer())
+    assert re.search(r"^VmFlags:.* hg\b", mapping, re.M), mapping
+
+
+def _smaps_entry(address: int) -> str:
+  """The /proc/self/smaps block of the mapping that holds `address`."""
+  block, found = [], None
+  for line in Path("/proc/self/smaps").read_text().splitlines():
+    head = line.split()[0]
+    if "-" in head and all(c in "0123456789abcdef-" for c in head):
+      if found is not None:
+        break
+      lo, hi = (int(x, 16) for x in head.split("-"))
+      block = [line]
+      found = line if lo <= address < hi else None
+    elif found is not None:
+      block.append(line)
+  return "\n".join(block) if found else ""

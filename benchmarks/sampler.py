@@ -17,10 +17,11 @@ process (`benchmarks.train_step.matmul_peak`), the model FLOPs of one step (2 x 
 decode dispatch every routed expert runs on every row), the step time each would take at that peak, the decode
 MFU, and the decode step that `--target` x transformers' tokens/s would need after our measured prefill.
 `decode_ablation` times, at the largest batch and in the same interleaved rounds, our generation without the
-routed-experts kernel (`xla_dispatch`: `sample.cpu_kernels=False`, the `dense`/`blocked` dispatch
-`decode_moe_config` then picks) and without prepared decode weights (`unprepared`: each call slices and packs them
-in its program, one copy per device) next to the default (`ours`: the `cpu_kernel` dispatch on weights from
-`prepare_decode`, made once per batch size before timing; `prepare_decode_s` records how long that took).
+CPU kernels (`xla_ops`: `sample.cpu_kernels=False`, XLA's own ops for the absorbed attention and the
+`dense`/`blocked` MoE dispatch `decode_moe_config` then picks) and without prepared decode weights (`unprepared`:
+each call slices and packs them in its program, one copy per device) next to the default (`ours`: the attention
+kernel and the `cpu_kernel` dispatch on weights from `prepare_decode`, made once per batch size before timing;
+`prepare_decode_s` records how long that took).
 
 Ours runs data-parallel over one XLA CPU device per core (`k25jax.runtime.cpu_device_per_core`, `--cpu_devices`
 overrides), each batch on as many devices as divide it (batch 1: one device); transformers uses torch's default
@@ -220,9 +221,9 @@ def main() -> None:
   peak = matmul_peak("float32")
   ours_tps, hf_tps, speedup, split, load, bound, ablation = {}, {}, {}, {}, {}, {}, {}
   ablate = max(int(s) for s in args.batches.split(",")) if cpu_kernels(freeze(m)) else None
-  xla_dispatch = config.copy_and_resolve_references()
-  xla_dispatch.sample = ml_collections.ConfigDict(dict(cpu_kernels=False))
-  ablation_configs = {"xla_dispatch": (xla_dispatch, True), "unprepared": (config, False)}
+  xla_ops = config.copy_and_resolve_references()
+  xla_ops.sample = ml_collections.ConfigDict(dict(cpu_kernels=False))
+  ablation_configs = {"xla_ops": (xla_ops, True), "unprepared": (config, False)}
   prepare_s = {}
   for b in [int(s) for s in args.batches.split(",")]:
     prompts = rng.integers(1, m.vocab_size, (b, args.prompt))
@@ -232,7 +233,7 @@ def main() -> None:
     prepared = {id(config): prepare_decode(params, moe_state, config, mesh_b)}
     prepare_s[b] = time.perf_counter() - t0
     if b == ablate:
-      prepared[id(xla_dispatch)] = prepare_decode(params, moe_state, xla_dispatch, mesh_b)
+      prepared[id(xla_ops)] = prepare_decode(params, moe_state, xla_ops, mesh_b)
 
     def run(new, cfg=config, prepare=True):
       return generate(params, moe_state, cfg, rows, max_new_tokens=new, rng=jax.random.key(0), greedy=True,

@@ -4,6 +4,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -530,7 +531,6 @@ def test_attend_vjp_equals_plain_softmax_autodiff(dtype, tol):
 def test_freeze_gives_equal_configs_one_object():
   """`freeze` memoises by value: an equal config (another ConfigDict) gives the same FrozenConfigDict, which
   equals a fresh freeze; a changed field gives another one."""
-  import ml_collections
   a, b = get_config("tiny").model, get_config("tiny").model
   assert freeze(a) is freeze(b) and freeze(a) == ml_collections.FrozenConfigDict(b)
   b.num_hidden_layers = 2

@@ -99,6 +99,17 @@ def test_absorbed_cache_forward_equals_model_forward(setup):
   assert h_last.shape == (2, 1, m.hidden_size)
   np.testing.assert_allclose(h_last, h[:, -1:], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(cache_last, cache, rtol=1e-6, atol=1e-6)
+  # A cache with slots for generated tokens: attending over every slot (the later ones are masked) or over the
+  # prompt's only, as prefill does, gives the real tokens the same states and the prompt the same latents.
+  kv_seg12, kv_pos12 = slot_segments_and_positions(lengths, 8, 12)
+  for s in (12, 8):
+    h_long, cache_long = forward_with_cache(params, state, m, x, init_cache(m, 2, 12), 0, kv_pos, kv_seg,
+                                            kv_seg12[:, :s], kv_pos12[:, :s])
+    for i in range(2):
+      real = slice(8 - int(lengths[i]), 8)
+      np.testing.assert_allclose(h_long[i, real], h[i, real], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(cache_long[:, i, real], cache[:, i, real], rtol=1e-6, atol=1e-6)
+    assert not np.any(cache_long[:, :, 8:])
 
 
 def test_greedy_with_cache_equals_recompute(setup, greedy_out, reference_logits):

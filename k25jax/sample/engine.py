@@ -58,7 +58,8 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
                    attention=absorbed_attention) -> tuple[jax.Array, jax.Array]:
   """One pre-norm decoder layer (lm.DecoderLayer) with absorbed MLA over the latent cache; writes the chunk's
   latents at `slot`. x [B,L,D], mask [B,L,S]; cache [layers,B,S,W] with `layer` = (index,), or one layer's
-  [B,S,W] with `layer` = (). ffn(h) is the layer's MoE or SwiGLU. last_only: after writing every position's
+  [B,S,W] with `layer` = (); attention reads the first S' slots, S' = mask.shape[-1] <= S. ffn(h) is the layer's
+  MoE or SwiGLU. last_only: after writing every position's
   latents, only the chunk's last position goes through attention and the feed-forward (returns x [B,1,D]).
   attention: `cache.absorbed_attention` or its CPU kernel (`cache.absorbed_attention_kernel`)."""
   norm = lambda name, y: RMSNorm(m.rms_norm_eps, m.dtype, m.param_dtype).apply({"params": lp[name]}, y)
@@ -68,6 +69,7 @@ def _decoder_layer(m, ffn, lp: Params, x: jax.Array, cache: jax.Array, layer: tu
   new = jnp.concatenate([c, k_rot.astype(c.dtype)], axis=-1).astype(cache.dtype)
   cache = jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(layer) + new.shape), (*layer, 0, slot, 0))
   latent = jax.lax.dynamic_index_in_dim(cache, layer[0], axis=0, keepdims=False) if layer else cache
+  latent = latent[:, :mask.shape[-1]]   # the slots the mask covers (prefill: the prompt's)
   if last_only:
     x, h, positions, mask = x[:, -1:], h[:, -1:], positions[:, -1:], mask[:, -1:]
   q_nope, q_rot = mla.apply(attn_vars, h, positions, method=MLA.project_q)
@@ -94,8 +96,9 @@ def forward_with_cache(params: Params, moe_state: Params, m: ml_collections.Conf
   """Runs embeddings x [B,L,D] (occupying cache slots [slot, slot+L)) through every layer, absorbed MLA over the
   latent cache (digest §1.1). Returns (final hidden state before the last norm [B,L,D], updated cache).
 
-  positions / q_segment_ids [B,L] describe the chunk; kv_segment_ids / kv_positions [B,S] every cache slot
-  (`cache.slot_segments_and_positions`). The mask is the model's own `attention_mask`. Layers run as a scan over
+  positions / q_segment_ids [B,L] describe the chunk; kv_segment_ids / kv_positions [B,S'] the first S' <= S
+  cache slots (`cache.slot_segments_and_positions`), the ones attention reads: prefill passes the prompt's, which
+  are all that its causal mask lets it see. The mask is the model's own `attention_mask`. Layers run as a scan over
   the stacked parameters (prefill); decode steps use `_decode_step`. last_only (prefill): the last layer runs
   attention and its feed-forward for the chunk's last position only, since the other positions' final states
   feed nothing but their own logits, and the hidden state returned is [B,1,D] (the cache is the same).
@@ -263,8 +266,8 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
   else:
     x = _left_align(input_embeds.astype(dtype_of(m.dtype)), lengths, 0)
   cache = nn.with_logical_constraint(init_cache(m, b, max_len, cache_dtype or None), CACHE_AXES)
-  h, cache = forward_with_cache(params, moe_state, m, x, cache, 0, kv_pos[:, :p], kv_seg[:, :p], kv_seg, kv_pos,
-                                last_only=True)
+  h, cache = forward_with_cache(params, moe_state, m, x, cache, 0, kv_pos[:, :p], kv_seg[:, :p], kv_seg[:, :p],
+                                kv_pos[:, :p], last_only=True)
   sample = functools.partial(sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
   tok, lp = sample(logits_from_hidden(params, m, h)[:, 0], jax.random.fold_in(rng, 0))
   out_tok = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)

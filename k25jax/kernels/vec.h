@@ -1,4 +1,4 @@
-// 16-lane float vectors (GCC / Clang vector extensions) shared by the CPU kernels of `k25jax.kernels`: one
+// 16-lane float vectors (GCC vector extensions) shared by the CPU kernels of `k25jax.kernels`: one
 // AVX-512 register each. The kernels' register blocking is written for AVX-512's 32 such registers; on hosts
 // without it the build stops here and generation uses XLA's ops (`k25jax.kernels.build.available`).
 #pragma once

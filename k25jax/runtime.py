@@ -90,9 +90,9 @@ def share_host_replicas(tree):
   every device aliases; other leaves are returned as they are.
 
   The CPU devices of a process (`cpu_device_per_core`) share the host's memory, yet a replicated array holds a copy
-  per device, so data-parallel steps stream every weight once per device through the shared caches. A 64-byte
-  aligned NumPy buffer is placed on each device without a copy (XLA:CPU aliases aligned host buffers); the arrays
-  are read-only views of it, alive as long as they are (JAX holds the buffer). All the buffers lie in one
+  per device, so data-parallel steps stream every weight once per device through the shared caches. Each array
+  gets a 64-byte aligned NumPy buffer, placed on each device without a copy (XLA:CPU aliases aligned host
+  buffers), alive as long as the arrays are (JAX holds it). All the buffers lie in one 2 MiB-aligned private
   anonymous mapping that asks Linux for transparent huge pages (`MADV_HUGEPAGE`; the default policy on many hosts
   grants them only on request): a decode step streams tens of megabytes of weights, and 4 KiB pages would cost a
   TLB miss every 4 KiB.

@@ -17,6 +17,8 @@ from k25jax.sample import cache
 
 from tests.test_model import _dispatch_problem, _naive_moe
 
+pytestmark = pytest.mark.skipif(not build.host_has_avx512(), reason="the CPU kernels need AVX-512 (vec.h)")
+
 
 def _problem(seed, t, d, f, e, k):
   """tests/test_model.py's dispatch problem as writable numpy arrays: x, idx, w, wg, wu, wd."""

@@ -86,9 +86,12 @@ def test_share_host_replicas_aliases_one_buffer_on_every_cpu_device():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   value = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
   replicated = jax.jit(lambda a: a + 0, out_shardings=NamedSharding(mesh, P()))(value)   # a copy per device
+  other = jax.jit(lambda a: a[:7, :3] * 3, out_shardings=NamedSharding(mesh, P()))(value)   # 21 floats: unaligned size
   split = jax.device_put(value, NamedSharding(mesh, P("data")))
   single = jax.device_put(value, jax.devices()[0])
-  shared, same_split, same_single = runtime.share_host_replicas((replicated, split, single))
+  shared, shared_other, same_split, same_single = runtime.share_host_replicas((replicated, other, split, single))
+  np.testing.assert_array_equal(np.asarray(shared_other), value[:7, :3] * 3)   # its own bytes, no overlap
+  assert shared_other.addressable_shards[0].data.unsafe_buffer_pointer() % 64 == 0
   assert len({s.data.unsafe_buffer_pointer() for s in replicated.addressable_shards}) == 8
   assert len({s.data.unsafe_buffer_pointer() for s in shared.addressable_shards}) == 1
   assert shared.sharding == replicated.sharding

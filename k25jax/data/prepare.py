@@ -17,7 +17,7 @@ import sys
 from k25jax.data.sources import fashion_mnist, shakespeare
 
 # libjemalloc2: the caching allocator every entry point runs under (k25jax/runtime.py); g++: builds the
-# routed-experts CPU kernel of generation (k25jax/kernels/routed_experts_cpu.py).
+# CPU kernels of generation (k25jax/kernels/).
 APT_PACKAGES = ("dataset-fashion-mnist", "fonts-dejavu-core", "libjemalloc2", "g++")
 
 

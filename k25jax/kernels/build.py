@@ -34,6 +34,11 @@ def _cpu_signature() -> str:
   return "\n".join([l for l in lines if l.startswith(("model name", "flags"))][:2])
 
 
+def host_has_avx512() -> bool:
+  """Whether this host's CPU has AVX-512F, which the kernels' 16-lane vector code needs (`vec.h`)."""
+  return "avx512f" in _cpu_signature().split()
+
+
 def cache_dir() -> Path:
   return Path(os.environ.get("K25JAX_KERNEL_CACHE") or Path.home() / ".cache" / "k25jax" / "kernels")
 

@@ -307,8 +307,8 @@ def _program(params, moe_state, decode, tokens, lengths, input_embeds, rng, temp
 
 def cpu_kernels(m: ml_collections.FrozenConfigDict) -> bool:
   """Whether the XLA:CPU kernels (routed experts, absorbed attention) can serve decode steps: on the CPU
-  backend, in float32, once they build here (`k25jax.kernels.build`)."""
-  return (jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and
+  backend, in float32, on an AVX-512 host, once they build here (`k25jax.kernels.build`)."""
+  return (jax.default_backend() == "cpu" and dtype_of(m.dtype) == jnp.float32 and build.host_has_avx512() and
           build.available(routed_experts_cpu.register, absorbed_attention_cpu.register))
 
 
